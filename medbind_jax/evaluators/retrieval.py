@@ -1,0 +1,77 @@
+"""Top-K retrieval in six directions: CXR->text, ECG->text, text->CXR, text->ECG, CXR->ECG, ECG->CXR.
+
+- modality->text: the gallery is the split's de-duplicated set of that modality's reports; a query is correct
+  at K when the text identical (after normalising case and space) to its own report is in the top K.
+- text->modality: each distinct report is a query; correct when any record with that report is in the top K.
+- CXR<->ECG: the linked records of the split; correct when the partner from the same encounter is in the top K.
+
+Each R@K is reported next to the recall a random ranking would get (`chance@K`), and RSUM (percent).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medbind_jax.data import pipeline, preprocess
+from medbind_jax.evaluators import common, metrics
+
+
+class RetrievalEvaluator:
+  """`RetrievalEvaluator(fns, index, cxr=..., ecg=...).run(params) -> {'retrieval/<dir>/R@K': value, ...}`."""
+
+  def __init__(self, fns: common.EmbedFns, index: pipeline.SplitIndex, *, cxr: preprocess.CxrSpec,
+               ecg: preprocess.EcgSpec, ks=(1, 5, 10), prefix: str = "retrieval"):
+    self.fns, self.index, self.cxr_spec, self.ecg_spec = fns, index, cxr, ecg
+    self.ks, self.prefix = tuple(ks), prefix
+
+  def run(self, params) -> dict[str, float]:
+    emb = {m: common.embed_split(self.fns, params, self.index, m, cxr=self.cxr_spec, ecg=self.ecg_spec)
+           for m in ("cxr", "ecg")}
+    results: dict[str, float] = {}
+    recalls = {}
+    for m in ("cxr", "ecg"):
+      texts, keys = common.unique_texts(self.index, m)
+      text_emb = self.fns.texts(params, texts)
+      correct = common.same_key(emb[m].text_key, keys)  # [N, G]
+      recalls[f"{m}_to_text"] = self._direction(results, f"{m}_to_text", emb[m].emb @ text_emb.T, correct)
+      recalls[f"text_to_{m}"] = self._direction(results, f"text_to_{m}", text_emb @ emb[m].emb.T, correct.T)
+    linked = np.array([i for i, r in enumerate(self.index.records) if r.linked], np.int64)
+    if len(linked):
+      cxr_rows = _rows_of(emb["cxr"].index, linked)
+      ecg_rows = _rows_of(emb["ecg"].index, linked)
+      scores = emb["cxr"].emb[cxr_rows] @ emb["ecg"].emb[ecg_rows].T
+      identity = np.eye(len(linked), dtype=bool)
+      recalls["cxr_to_ecg"] = self._direction(results, "cxr_to_ecg", scores, identity)
+      recalls["ecg_to_cxr"] = self._direction(results, "ecg_to_cxr", scores.T, identity)
+    results[f"{self.prefix}/rsum"] = metrics.rsum(recalls, self.ks)
+    return results
+
+  def _direction(self, results: dict, name: str, scores: np.ndarray, correct: np.ndarray) -> dict[int, float]:
+    recall = metrics.recall_at_k(scores, correct, self.ks)
+    chance = metrics.chance_recall_at_k(correct.sum(1), correct.shape[1], self.ks)
+    for k in self.ks:
+      results[f"{self.prefix}/{name}/R@{k}"] = recall[k]
+      results[f"{self.prefix}/{name}/chance@{k}"] = chance[k]
+    results[f"{self.prefix}/{name}/num_queries"] = float(scores.shape[0])
+    results[f"{self.prefix}/{name}/gallery_size"] = float(scores.shape[1])
+    return recall
+
+
+def _rows_of(record_numbers: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+  """Positions in `record_numbers` of each of `wanted` (all must be present)."""
+  position = {int(r): i for i, r in enumerate(record_numbers)}
+  return np.array([position[int(r)] for r in wanted], np.int64)
+
+
+def format_table(results: dict[str, float], prefix: str = "retrieval", ks=(1, 5, 10)) -> str:
+  """Markdown table: one row per direction, R@K (chance) in percent."""
+  directions = sorted({k.split("/")[1] for k in results if k.startswith(prefix + "/") and k.count("/") == 2})
+  lines = ["| direction | queries | gallery | " + " | ".join(f"R@{k} (chance)" for k in ks) + " |",
+           "|---|---:|---:|" + "---:|" * len(ks)]
+  for d in directions:
+    base = f"{prefix}/{d}"
+    cells = [f"{100 * results[f'{base}/R@{k}']:.1f} ({100 * results[f'{base}/chance@{k}']:.1f})" for k in ks]
+    lines.append(f"| {d} | {results[f'{base}/num_queries']:.0f} | {results[f'{base}/gallery_size']:.0f} | "
+                 + " | ".join(cells) + " |")
+  lines.append(f"\nRSUM: {results[f'{prefix}/rsum']:.1f}")
+  return "\n".join(lines)
