@@ -1,0 +1,105 @@
+r"""MEDBind: CXR, ECG and text in one embedding space (TMCL + EMCL).
+
+Default: the CPU-sized run on the built-in synthetic clinical world (generated on first use, then reused).
+
+  python main.py --config=configs/medbind.py --workdir=workdirs/medbind
+
+Arguments after the colon override the run's main knobs, e.g. a shorter run:
+
+  python main.py --config=configs/medbind.py:batch_size=64,steps=200 --workdir=workdirs/short
+
+The paper-scale variant (Swin-T 224 CXR tower, clinical BERT text tower trained end to end, batch 256) on
+shards converted from the real datasets by `data_prep` (the checkpoint directories hold Hugging Face
+`config.json` + `model.safetensors`):
+
+  python main.py --config=configs/medbind.py:paper,data_dir=/data/medbind,cxr_init=/ckpt/swin-tiny,\
+text_init=/ckpt/Bio_ClinicalBERT --workdir=gs://bucket/medbind
+
+Any field can also be set with `--config.path.to.field=value`.
+"""
+
+import math
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, paper=False, data_dir="", batch_size=0, linked_per_batch=-1, steps=0, seed=0,
+                         emcl_weight=1.0, cxr_init="", text_init="")
+  c = ml_collections.ConfigDict()
+  c.seed = arg.seed
+  c.total_steps = arg.steps or (20_000 if arg.paper else 500)
+  c.log_every = 50 if arg.paper else 10
+  c.checkpoint_every = 1000 if arg.paper else 100
+  c.keep_checkpoints = 3
+  # Preemption-safe resume order: the workdir's own checkpoint, else `resume` (a checkpoint directory of
+  # another run), else pretrained tower weights (model.*.init), else random init.
+  c.resume = ""
+  # Derived data several runs can share (frozen text-trunk features); empty: inside the workdir.
+  c.cache_dir = ""
+
+  # ---- Input --------------------------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = arg.data_dir or ("" if arg.paper else "data/synthetic_world")
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.batch_size = arg.batch_size or (256 if arg.paper else 128)
+  c.data.linked_per_batch = arg.linked_per_batch if arg.linked_per_batch >= 0 else c.data.batch_size // 4
+  c.data.skip_corrupt = False  # True: leave out damaged records (each logged and counted) instead of failing
+  c.data.num_threads = 8 if arg.paper else 2
+  c.data.prefetch = 8 if arg.paper else 4
+  c.data.augment = True
+  c.data.cxr = ml_collections.ConfigDict(dict(image_size=224 if arg.paper else 64,
+                                              channels=1, mean=0.5, std=0.25, crop_scale=(0.8, 1.0), jitter=0.1))
+  c.data.ecg = ml_collections.ConfigDict(dict(sampling_rate=500.0 if arg.paper else 100.0,
+                                              num_samples=5000 if arg.paper else 1000, scale_mv=1.0,
+                                              amplitude_jitter=0.1, noise_mv=0.02))
+  c.data.text_max_length = 128 if arg.paper else 64
+  # The synthetic world is generated into data.dir when its parameters differ from what is there.
+  c.data.synthetic = ml_collections.ConfigDict(dict(seed=0, workers=2)) if not arg.paper else None
+
+  # ---- Model --------------------------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.embed_dim = 256
+  c.model.head_hidden_dim = 0 if arg.paper else 512
+  c.model.per_edge_logit_scale = False
+  c.model.logit_scale_init = math.log(1 / 0.07)
+  c.model.max_logit_scale = 100.0
+  # Every tower and head: compute dtype ("bfloat16" for mixed precision; parameters stay float32) and
+  # rematerialisation of transformer blocks (activation memory for compute). A tower's kwargs override these.
+  c.model.dtype = "float32"
+  c.model.remat = False
+  if arg.paper:
+    c.model.cxr = ml_collections.ConfigDict(dict(name="swin", init=arg.cxr_init, skip_keys=(), kwargs=dict()))
+  else:
+    c.model.cxr = ml_collections.ConfigDict(dict(name="vit", init="", skip_keys=(), kwargs=dict(
+        image_size=64, patch_size=8, num_channels=1, hidden_size=96, num_layers=3, num_heads=3, mlp_dim=288,
+        pooling="mean")))
+  c.model.ecg = ml_collections.ConfigDict(dict(name="ecg_transformer", init="", skip_keys=(), kwargs=dict(
+      num_samples=c.data.ecg.num_samples, num_leads=12,
+      patch_size=50,
+      hidden_size=512 if arg.paper else 96, num_layers=8 if arg.paper else 3, num_heads=8 if arg.paper else 3,
+      mlp_dim=2048 if arg.paper else 288, pooling="mean")))
+  # Text tower: a BERT-family checkpoint directory, or "minilm" for the packaged all-MiniLM-L6-v2 weights.
+  # trunk = "cached": frozen, its pooled output computed once per unique report (CPU demo);
+  # trunk = "train": the whole tower runs in every step (paper scale; freeze parts with optim.param_groups).
+  c.model.text = ml_collections.ConfigDict(dict(
+      name="bert", init=arg.text_init or ("" if arg.paper else "minilm"), skip_keys=(r"^pooler\.",),
+      tokenizer="",  # a local tokenizer directory; empty: the one in `init`
+      trunk="train" if arg.paper else "cached", kwargs=dict(pooling="mean" if not arg.paper else "cls")))
+
+  # ---- Loss ---------------------------------------------------------------------------------------------------
+  c.loss = ml_collections.ConfigDict(dict(emcl_weight=arg.emcl_weight, emcl_negatives="linked"))
+
+  # ---- Optimiser ----------------------------------------------------------------------------------------------
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4 if arg.paper else 1e-3, warmup_steps=1000 if arg.paper else 50, b1=0.9, b2=0.98,
+      eps=1e-6, weight_decay=0.05, grad_clip_norm=1.0,
+      # (regex over '/'-joined parameter paths, learning-rate multiplier or None = frozen); first match wins.
+      param_groups=((r"^text_encoder/embeddings/", 0.1),) if arg.paper else ()))
+
+  # ---- Evaluation ---------------------------------------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict(dict(batch_size=256, ks=(1, 5, 10)))
+  return c

@@ -1,0 +1,30 @@
+r"""MEDBind-JAX entry point: parses flags and hands the config to `train.train_and_evaluate`.
+
+  python main.py --config=configs/medbind.py --workdir=workdirs/medbind
+"""
+
+import logging
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from medbind_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arguments'.", lock_config=True)
+flags.DEFINE_string("workdir", "workdirs/medbind", "Checkpoints, metrics and evaluation outputs go here.")
+flags.DEFINE_enum("mode", "train", ["train"], "train: train (or resume) then evaluate.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # libraries' INFO chatter (e.g. every orbax write) off
+  logging.getLogger("medbind_jax").setLevel(logging.INFO)
+  logging.getLogger("data_prep").setLevel(logging.INFO)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

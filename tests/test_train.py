@@ -1,0 +1,123 @@
+"""The training loop end to end on a tiny dataset and tiny towers, over the 8 fake CPU devices."""
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import medbind
+from medbind_jax import train
+from tiny_data import write_tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tiny_data")
+  write_tiny_dataset(d, num_records=32, num_shards=2, splits=("train", "test"))
+  return str(d)
+
+
+def tiny_config(data_dir, **overrides):
+  c = medbind.get_config("batch_size=8,linked_per_batch=4,steps=6")
+  c.data.dir, c.data.synthetic = data_dir, None
+  c.data.cxr.image_size = 16
+  c.data.ecg.update(sampling_rate=50.0, num_samples=100)
+  c.data.text_max_length = 16
+  c.model.embed_dim, c.model.head_hidden_dim = 16, 0
+  c.model.cxr.kwargs.update(image_size=16, patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)
+  c.model.ecg.kwargs.update(num_samples=100, patch_size=25, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)
+  # A tiny random BERT with the packaged MiniLM tokenizer: the loop under test, not the pretrained weights.
+  c.model.text.update(init="", tokenizer="minilm", kwargs=dict(hidden_size=16, num_layers=1, num_heads=2,
+                                                               intermediate_size=32, pooling="mean"))
+  c.log_every, c.checkpoint_every = 1, 2
+  c.eval.batch_size = 16
+  for key, value in overrides.items():
+    target = c
+    *path, leaf = key.split(".")
+    for p in path:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+def _final_params(workdir, step):
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))["params"]
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {row["step"]: row["loss"] for row in map(json.loads, f)}
+
+
+def test_resume_equals_uninterrupted_and_compiles_once(data_dir, tmp_path, caplog):
+  config = tiny_config(data_dir)
+  full, parted = str(tmp_path / "full"), str(tmp_path / "parted")
+  jax.config.update("jax_log_compiles", True)
+  try:
+    with caplog.at_level(logging.WARNING):
+      results = train.train_and_evaluate(config, full)
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  compiles = [r for r in caplog.records if "Compiling jit(train_step)" in r.getMessage()]
+  assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
+
+  # Pre-empted after step 3 (last checkpoint: step 2), then restarted with the same command.
+  assert train.train_and_evaluate(config, parted, stop_after_step=3) is None
+  assert sorted(os.listdir(os.path.join(parted, "checkpoints"))) == ["2"]
+  resumed = train.train_and_evaluate(config, parted)
+
+  want, got = _final_params(full, 6), _final_params(parted, 6)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  # The same data in the same order: every step's loss is identical, and logged once.
+  assert _losses(full) == _losses(parted) and sorted(_losses(parted)) == list(range(1, 7))
+  assert results == resumed
+  assert os.path.exists(os.path.join(full, "metrics.json"))
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(full, "tensorboard")))
+
+
+def test_frozen_text_trunk_is_left_out_and_text_table_is_used(data_dir, tmp_path):
+  config = tiny_config(data_dir, total_steps=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  params = _final_params(str(tmp_path), 2)
+  assert "text_encoder" not in params and "text_head" in params
+  assert any(f.startswith("text_features_") for f in os.listdir(tmp_path / "cache"))
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+  # Warm-up makes step 1's learning rate 0; the absurd peak rate then blows the parameters up.
+  config = tiny_config(data_dir, **{"optim.learning_rate": 1e38, "optim.warmup_steps": 1,
+                                    "optim.grad_clip_norm": 0.0, "checkpoint_every": 1, "total_steps": 8})
+  with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as err:
+    train.train_and_evaluate(config, str(tmp_path))
+  bad_step = int(err.value.args[0].split("at step ")[1].split(";")[0])
+  kept = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert kept and max(kept) == bad_step - 1, (kept, bad_step)
+  params = _final_params(str(tmp_path), max(kept))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_frozen_parameters_stay_bit_identical_with_bf16_and_remat(data_dir, tmp_path):
+  # The whole text tower in every step, its embeddings and first layer frozen by regex, the CXR tower on a
+  # lower learning rate; model-wide bfloat16 compute and rematerialisation switched on from the config.
+  config = tiny_config(data_dir, total_steps=3, checkpoint_every=1, **{
+      "model.text.trunk": "train", "model.dtype": "bfloat16", "model.remat": True,
+      "model.text.kwargs.num_layers": 2,
+      "optim.param_groups": ((r"^text_encoder/(embeddings|layer_0)/", None), (r"^cxr_encoder/", 0.1))})
+  train.train_and_evaluate(config, str(tmp_path))
+  first, last = _final_params(str(tmp_path), 1), _final_params(str(tmp_path), 3)
+  frozen = moved = 0
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(first), jax.tree.leaves(last)):
+    name = jax.tree_util.keystr(path)
+    assert a.dtype == np.float32, name  # parameters stay float32 under bf16 compute
+    if "'embeddings'" in name or "'layer_0'" in name:
+      np.testing.assert_array_equal(a, b, err_msg=name)
+      frozen += 1
+    elif "'text_encoder'" in name and "'layer_1'" in name and "kernel" in name:
+      assert not np.array_equal(a, b), name  # the trainable text layer does learn
+      moved += 1
+  assert frozen >= 10 and moved >= 4
