@@ -168,6 +168,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  if is_main:  # what `--mode=eval` and `medbind_jax.inference` rebuild the model from
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   writer = metric_writer.MetricWriter(workdir)
   rng = jax.random.key(config.seed)
 
@@ -269,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     (loss, (parts, scales)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step),
                **{f"logit_scale/{edge}": s for edge, s in scales.items()}}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
