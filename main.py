@@ -5,6 +5,7 @@ r"""MEDBind-JAX entry point: parses flags and hands the config to `train.train_a
 
 import logging
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -15,11 +16,15 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arguments'.", lock_config=True)
 flags.DEFINE_string("workdir", "workdirs/medbind", "Checkpoints, metrics and evaluation outputs go here.")
 flags.DEFINE_enum("mode", "train", ["train"], "train: train (or resume) then evaluate.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (one process per host of a pod "
+                  "slice or GPU cluster; the cluster is discovered from the environment).")
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
+  if FLAGS.multihost:
+    jax.distributed.initialize()
   absl_logging.set_verbosity(absl_logging.WARNING)  # libraries' INFO chatter (e.g. every orbax write) off
   logging.getLogger("medbind_jax").setLevel(logging.INFO)
   logging.getLogger("data_prep").setLevel(logging.INFO)
