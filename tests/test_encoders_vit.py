@@ -116,3 +116,18 @@ def test_contract_and_grayscale_input():
   # A 1-channel image into the 3-channel tower is the same as the image repeated over channels.
   rgb_out = jit(encoder.apply)({"params": params}, np.repeat(gray, 3, axis=-1))
   np.testing.assert_array_equal(rgb_out["pooled"], out["pooled"])
+
+
+def test_convolutional_stem_keeps_the_token_grid():
+  encoder = build_encoder("vit", image_size=32, patch_size=8, num_channels=1, hidden_size=32, num_layers=1,
+                          num_heads=2, mlp_dim=64, stem_channels=(8, 16), pooling="mean", dropout_rate=0.1)
+  images = np.random.default_rng(2).normal(size=(2, 32, 32, 1)).astype(np.float32)
+  out, params = check_encoder_contract(encoder, images)
+  assert out["tokens"].shape == (2, 1 + 4 * 4, 32)
+  # Two stride-2 convs, then a 2x2 patch conv: 8 pixels per token as without the stem.
+  assert params["stem_0"]["kernel"].shape == (3, 3, 1, 8) and params["stem_1"]["kernel"].shape == (3, 3, 8, 16)
+  assert params["patch_embed"]["kernel"].shape == (2, 2, 16, 32)
+  with pytest.raises(ValueError, match="not divisible"):
+    bad = build_encoder("vit", image_size=24, patch_size=6, num_channels=1, hidden_size=32, num_layers=1,
+                        num_heads=2, mlp_dim=64, stem_channels=(8, 16, 32))
+    jit(bad.init)(jax.random.key(0), np.zeros((1, 24, 24, 1), np.float32))

@@ -22,7 +22,13 @@ POOLINGS = ("cls", "mean")
 @register_encoder("vit")
 class ViTEncoder(nn.Module):
   """ViT tower. pooled = CLS token after the final LayerNorm ('cls') or the mean of the patch tokens ('mean'),
-  optionally followed by Hugging Face's pooler (dense + tanh) when `use_pooler`. tokens = [B, 1 + patches, C]."""
+  optionally followed by Hugging Face's pooler (dense + tanh) when `use_pooler`. tokens = [B, 1 + patches, C].
+
+  `stem_channels` (random init only; no Hugging Face counterpart) replaces the single patch convolution by a
+  convolutional stem: one 3x3 stride-2 conv + LayerNorm + GELU per entry, then a patch conv over the remaining
+  `patch_size / 2**len(stem_channels)` pixels. Same token grid and cost class, but far more data-efficient on
+  small training sets than a linear patch embedding.
+  """
 
   image_size: int | tuple[int, int] = 224
   patch_size: int = 16
@@ -42,6 +48,7 @@ class ViTEncoder(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   remat: bool = False
+  stem_channels: tuple[int, ...] = ()
 
   @property
   def width(self) -> int:
@@ -63,7 +70,16 @@ class ViTEncoder(nn.Module):
     images = layers.adapt_channels(inputs, self.num_channels).astype(self.dtype)
     batch = images.shape[0]
 
-    patches = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size), strides=self.patch_size,
+    patch = self.patch_size
+    for i, channels in enumerate(self.stem_channels):
+      if patch % 2:
+        raise ValueError(f"patch_size={self.patch_size} is not divisible by 2**{len(self.stem_channels)} "
+                         "(one stride-2 conv per stem_channels entry)")
+      patch //= 2
+      images = nn.Conv(channels, (3, 3), strides=2, padding=((1, 1), (1, 1)), dtype=self.dtype,
+                       param_dtype=self.param_dtype, kernel_init=layers.DEFAULT_KERNEL_INIT, name=f"stem_{i}")(images)
+      images = nn.gelu(layers.layer_norm(1e-6, self.dtype, self.param_dtype, name=f"stem_norm_{i}")(images))
+    patches = nn.Conv(self.hidden_size, (patch, patch), strides=patch,
                       padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=layers.DEFAULT_KERNEL_INIT, name="patch_embed")(images)
     grid = patches.shape[1:3]
