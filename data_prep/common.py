@@ -339,6 +339,14 @@ def resample(signal_mv: np.ndarray, rate_in: float, rate_out: float) -> np.ndarr
   return scipy_signal.resample_poly(signal_mv, ratio.numerator, ratio.denominator, axis=0)
 
 
+# How ECGs are stored, as dataset_info.json states it (see `quantize_ecg`).
+ECG_STORAGE = ("int16 samples [num_samples, 12] in I, II, III, aVR, aVL, aVF, V1-V6 order with a float32 gain "
+               "per lead (ADC units per mV, value_mV = sample / gain) chosen so the lead's peak |value| maps to "
+               "32767: |stored - source| <= 0.5 / gain mV (+ float32 rounding), i.e. <= 0.5 uV for leads within "
+               "+-32.7 mV; resampled with scipy.signal.resample_poly to conversion_options.sampling_rate and cut "
+               "to the first conversion_options.num_samples")
+
+
 def quantize_ecg(signal_mv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """float [T, L] millivolts -> (int16 samples [T, L], float32 gain [L] in ADC units per mV).
 
@@ -765,6 +773,7 @@ def run_conversion(spec: DatasetSpec, tasks: Sequence[Any], convert: Callable[[A
       errors={"num_errors": len(errors), "num_planned": num_planned, "error_rate": error_rate,
               "max_error_rate": options.max_error_rate, "by_kind": dict(sorted(by_kind.items())),
               "log": ERRORS_FILE},
+      **({"ecg_storage": ECG_STORAGE} if any(s.num_ecg for stats in shards.values() for s in stats) else {}),
       **dict(extra_info or {}))
   num_written = sum(s.num_examples for stats in shards.values() for s in stats)
   exit_code = 1 if error_rate > options.max_error_rate else 0

@@ -24,6 +24,7 @@ def test_csv_layout_reports_and_frontal_images(csv_converted):
   src, summary, records = csv_converted
   assert summary.exit_code == 0 and not summary.errors
   assert summary.info["excluded_reports"] == {"report without a selected image": 1}  # uid 4: lateral only
+  assert "ecg_storage" not in summary.info  # no ECGs
   iu = L.iu_reports()
   assert sorted(records) == ["1", "2", "3", "5", "6"]
   for uid, enc in records.items():

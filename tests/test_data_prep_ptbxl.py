@@ -40,6 +40,7 @@ def test_every_record_is_converted_into_its_strat_fold_split(converted):
   assert info["ecg_label_names"] == ["NORM", "MI", "STTC", "CD", "HYP"]
   assert info["licence"] == "CC BY 4.0" and "Wagner" in info["citation"] and "PTB-XL" in info["source"]
   assert info["schema_version"] == schema.SCHEMA_VERSION and info["name"] == "ptbxl"
+  assert "<= 0.5 / gain mV" in info["ecg_storage"]  # the stated precision the waveform tests check
   assert info["errors"]["num_errors"] == 0
 
 
