@@ -16,7 +16,7 @@ import pytest
 import wfdb
 
 import real_layouts as L
-from data_prep import common, mimic_cxr, mimic_ecg, openi, ptbxl
+from data_prep import chexpert5x200, common, cpsc2018, mimic, mimic_cxr, mimic_ecg, openi, ptbxl
 from data_prep.common import RecordError
 from medbind_jax.data import schema
 
@@ -256,6 +256,50 @@ def test_the_cli_with_two_worker_processes_writes_the_same_bytes_as_one_process(
   assert result.returncode == 0, result.stderr
   assert "errors: 1" in result.stdout
   assert _files(tmp_path / "two") == _files(tmp_path / "one")
+
+
+CONVERTERS = (chexpert5x200, cpsc2018, mimic, mimic_cxr, mimic_ecg, openi, ptbxl)
+
+
+@pytest.mark.parametrize("module", CONVERTERS, ids=lambda m: m.__name__)
+def test_every_converter_has_the_common_command_line(module, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    module.main(["--help"])
+  assert exit_info.value.code == 0
+  usage = capsys.readouterr().out
+  for option in ("--src", "--out", "--workers", "--shard-size", "--max-error-rate", "--no-progress",
+                 "--overwrite"):
+    assert option in usage, option
+  assert ("--sampling-rate" in usage) == (module in (cpsc2018, mimic, mimic_ecg, ptbxl))
+  assert ("--image-size" in usage) == (module in (chexpert5x200, mimic, mimic_cxr, openi))
+
+
+def _cli_sources(name, root) -> tuple[list[str], int]:
+  """(the converter's arguments for a miniature tree under root, records it must write)."""
+  if name == "chexpert5x200":
+    return ["--src", L.build_chexpert(root), "--per-class", "1"], 5
+  if name == "cpsc2018":
+    L.build_cpsc2018(root)
+    return ["--src", str(root)], len(L.CPSC_RECORDS)
+  if name == "mimic_ecg":
+    L.build_mimic_ecg(root)
+    return ["--src", str(root)], len(L.DEFAULT_ECG_STUDIES)
+  L.build_mimic_cxr(root / "cxr")
+  L.build_mimic_ecg(root / "ecg")
+  return ["--src", str(root / "cxr"), "--ecg-src", str(root / "ecg"), "--window-hours", "1"], 6
+
+
+@pytest.mark.parametrize("name", ["chexpert5x200", "cpsc2018", "mimic", "mimic_ecg"])
+def test_converters_run_from_their_command_line(name, tmp_path):
+  args, count = _cli_sources(name, tmp_path / "src")
+  module = {m.__name__.split(".")[-1]: m for m in CONVERTERS}[name]
+  assert module.main(args + ["--out", str(tmp_path / "out"), "--workers", "1", "--shard-size", "2",
+                             "--no-progress"]) == 0
+  records = L.read_converted(tmp_path / "out")
+  assert len(records) == count
+  info = json.loads((tmp_path / "out" / schema.DATASET_INFO).read_text())
+  assert info["conversion_options"]["shard_size"] == 2
+  assert all(s["num_examples"] <= 2 for split in info["splits"].values() for s in split["shards"])
 
 
 # ------------------------------------------------------------------------------------------------------------
