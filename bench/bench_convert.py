@@ -1,7 +1,7 @@
 """PTB-XL-style conversion throughput (data_prep/ptbxl.py) with 1 and 2 worker processes.
 
-  python -m bench.bench_convert                  # 400 records
-  python -m bench.bench_convert --records 2000 --workers 1,2
+  python bench/bench_convert.py                  # 400 records
+  python bench/bench_convert.py --records 2000 --workers 1,2    (or python -m bench.bench_convert ...)
 
 Builds a PTB-XL tree in a temporary folder (ptbxl_database.csv, scp_statements.csv, records500/...) whose records
 are copies of the real PTB-XL fixture ECG tests/fixtures/real/ecg/HR06000 (500 Hz, 10 s, 12 leads), converts it
@@ -19,11 +19,14 @@ import io
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 
 import wfdb
 
-from data_prep import common, ptbxl
+if __package__ in (None, ""):  # run as a file: make the repository's packages importable
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from data_prep import common, ptbxl  # pylint: disable=wrong-import-position
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "real"
 PTBXL_LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
