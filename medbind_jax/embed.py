@@ -239,7 +239,7 @@ def run_query(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m medbind_jax.embed", description=__doc__.split("\n\n")[0],
+  p = argparse.ArgumentParser(prog="python -m medbind_jax.embed", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
   common = argparse.ArgumentParser(add_help=False)
