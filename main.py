@@ -1,6 +1,8 @@
-r"""MEDBind-JAX entry point: parses flags and hands the config to `train.train_and_evaluate`.
+r"""MEDBind-JAX entry point: parses flags and hands the config to `train.train_and_evaluate` (or, with
+--mode=eval, to `train.evaluate_checkpoint`).
 
   python main.py --config=configs/medbind.py --workdir=workdirs/medbind
+  python main.py --config=configs/medbind.py --mode=eval --workdir=workdirs/medbind  # latest checkpoint again
 """
 
 import logging
@@ -15,7 +17,9 @@ from medbind_jax import train
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arguments'.", lock_config=True)
 flags.DEFINE_string("workdir", "workdirs/medbind", "Checkpoints, metrics and evaluation outputs go here.")
-flags.DEFINE_enum("mode", "train", ["train"], "train: train (or resume) then evaluate.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                  "train: train (or resume) then evaluate. eval: evaluate the latest checkpoint in --workdir with the "
+                  "run's saved config and the evaluation settings (config.eval) of --config; writes workdir/eval/.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (one process per host of a pod "
                   "slice or GPU cluster; the cluster is discovered from the environment).")
 flags.mark_flags_as_required(["config"])
@@ -28,7 +32,10 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # libraries' INFO chatter (e.g. every orbax write) off
   logging.getLogger("medbind_jax").setLevel(logging.INFO)
   logging.getLogger("data_prep").setLevel(logging.INFO)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.mode == "eval":
+    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+  else:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

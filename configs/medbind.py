@@ -101,5 +101,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       param_groups=((r"^text_encoder/embeddings/", 0.1),) if arg.paper else ()))
 
   # ---- Evaluation ---------------------------------------------------------------------------------------------
-  c.eval = ml_collections.ConfigDict(dict(batch_size=256, ks=(1, 5, 10)))
+  # Run on data.eval_split at the end of training, every `every_steps` steps (0: only at the end; the numbers also go
+  # to the metric writer as eval/...), and by `main.py --mode=eval`. Output: <workdir>/eval/{metrics.json, report.md,
+  # *.png}. Evaluators by name (medbind_jax.evaluators.EVALUATORS); `protocol` names the versioned prompts and
+  # tasks (medbind_jax/evaluators/protocols/<name>.json, or a JSON path).
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=256, ks=(1, 5, 10), evaluators=("retrieval", "zero_shot", "few_shot", "cross_modal"),
+      every_steps=0, protocol="synthetic_v1", few_shot=dict(shots=(1, 2, 4, 8, 16), seeds=5, l2=0.1),
+      plots=True, plot_points=300))
   return c

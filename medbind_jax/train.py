@@ -1,7 +1,9 @@
-"""Trains MEDBind (TMCL + EMCL) and evaluates retrieval, from one ml_collections config.
+"""Trains MEDBind (TMCL + EMCL) and evaluates it (retrieval, zero-shot, few-shot, cross-modal), from one
+ml_collections config.
 
 Reads top to bottom: Mesh -> Input -> Model -> Optimiser and state -> Checkpoint and resume -> Update step ->
-Loop -> Final evaluation. `train_and_evaluate(config, workdir)` is what `main.py`, Colab and the tests call.
+Evals -> Loop -> Final evaluation. `train_and_evaluate(config, workdir)` is what `main.py`, Colab and the tests
+call; `evaluate_checkpoint(config, workdir)` is `main.py --mode=eval`.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from medbind_jax import losses, metric_writer, optim
+from medbind_jax import evaluators, losses, metric_writer, optim
 from medbind_jax.data import pipeline, preprocess, schema
 from medbind_jax.data import text as text_lib
-from medbind_jax.evaluators import common, retrieval
+from medbind_jax.evaluators import common
 from medbind_jax.model import MedBind, build_model, init_params
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,13 @@ def build_text_table(model: MedBind, text_params, texts: list[str], tokenize: te
   return table
 
 
+def make_tokenize(config) -> text_lib.Tokenize:
+  tokenizer_dir = config.model.text.get("tokenizer") or config.model.text.init
+  if not tokenizer_dir:
+    raise ValueError("set model.text.init (pretrained text tower) or model.text.tokenizer (a local tokenizer dir)")
+  return text_lib.Tokenize(text_lib.resolve_pretrained(tokenizer_dir), config.data.text_max_length)
+
+
 def cache_dir(config, workdir: str) -> str:
   """Where derived data that several runs can share (text features) is kept."""
   return config.get("cache_dir") or os.path.join(workdir, "cache")
@@ -157,11 +166,11 @@ class NonFiniteLossError(FloatingPointError):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_step: int | None = None) -> dict[str, float] | None:
-  """Trains as `config` says, checkpointing into `workdir` and resuming from it; then evaluates retrieval.
+  """Trains as `config` says, checkpointing into `workdir` and resuming from it; then evaluates.
 
   Args:
     config: see configs/medbind.py.
-    workdir: checkpoints, metrics.jsonl, TensorBoard events and metrics.json go here.
+    workdir: checkpoints, metrics.jsonl, TensorBoard events, metrics.json and the eval/ report go here.
     stop_after_step: stop right after this step without saving, as a pre-emption would (used by the tests).
   Returns:
     The final evaluation metrics (also in workdir/metrics.json), or None when stopped early.
@@ -197,10 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   text_mode = config.model.text.trunk
   if text_mode not in ("cached", "train"):
     raise ValueError(f"model.text.trunk must be 'cached' or 'train', got {text_mode!r}")
-  tokenizer_dir = config.model.text.get("tokenizer") or config.model.text.init
-  if not tokenizer_dir:
-    raise ValueError("set model.text.init (pretrained text tower) or model.text.tokenizer (a local tokenizer dir)")
-  tokenize = text_lib.Tokenize(text_lib.resolve_pretrained(tokenizer_dir), config.data.text_max_length)
+  tokenize = make_tokenize(config)
   text_params, text_table = None, jnp.zeros((0,), jnp.float32)
   if text_mode == "cached":
     # The frozen trunk leaves the trained parameters; its output is a table row per unique training report.
@@ -283,6 +289,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def put(local_batch):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(data_sharding, x), local_batch)
 
+  # ---- Evals -----------------------------------------------------------------------------------------------------
+  # Built once (the eval split's index, jitted embedding functions); run every config.eval.every_steps steps (0: only
+  # after the last step), each run writing workdir/eval/ and, during training, eval/... to the metric writer.
+  suite = make_eval_suite(config, model, text_mode, text_params, tokenize)
+  eval_results = None
+
   # ---- Loop ------------------------------------------------------------------------------------------------------
   # The loss of step s is read while step s+1 runs, so checking it never stalls the device.
   examples_per_step = 2 * n  # n CXR-text pairs and n ECG-text pairs
@@ -335,6 +347,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           check(pending)
           pending = None
         report(step)
+      if config.eval.every_steps and (step % config.eval.every_steps == 0 or final):
+        eval_results = evaluate(config, workdir, suite, local_copy(state.params), step)
+        writer.write(step, {f"eval/{k}": v for k, v in eval_results.items()})
       if stop_after_step is not None and step >= stop_after_step:
         log.info("stopping after step %d as asked (stop_after_step)", step)
         return None
@@ -346,21 +361,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.close()
 
   # ---- Final evaluation ------------------------------------------------------------------------------------------
-  results = evaluate(config, workdir, model, local_copy(state.params), text_mode, text_params, tokenize)
-  results["step"] = float(config.total_steps)
-  return results
+  if eval_results is None:  # not already evaluated after the last step
+    eval_results = evaluate(config, workdir, suite, local_copy(state.params), config.total_steps)
+  return {**eval_results, "step": float(config.total_steps)}
 
 
-def evaluate(config, workdir: str, model: MedBind, params, text_mode: str, text_params, tokenize) -> dict:
-  """Runs the retrieval evaluation on `config.data.eval_split`, prints it, writes workdir/metrics.json."""
+def make_eval_suite(config, model: MedBind, text_mode: str, text_params, tokenize) -> evaluators.Suite:
+  """The evaluators `config.eval.evaluators` names, over `config.data.eval_split` (indexed once)."""
   cxr_spec, ecg_spec = data_specs(config)
   index = pipeline.index_split(config.data.dir, config.data.eval_split, skip_corrupt=config.data.skip_corrupt,
                                progress=jax.process_index() == 0)
   fns = make_embed_fns(model, text_mode, text_params, tokenize, config.eval.batch_size)
-  results = retrieval.RetrievalEvaluator(fns, index, cxr=cxr_spec, ecg=ecg_spec, ks=config.eval.ks).run(params)
-  if jax.process_index() == 0:
-    print(f"\nRetrieval on {config.data.eval_split} (R@K in %, chance in brackets):\n"
-          + retrieval.format_table(results, ks=config.eval.ks), flush=True)
+  return evaluators.build(config.eval, common.SplitEmbedder(fns, index, cxr=cxr_spec, ecg=ecg_spec))
+
+
+def evaluate(config, workdir: str, suite: evaluators.Suite, params, step: int) -> dict[str, float]:
+  """Runs `suite` on `params`. Process 0 prints the headline numbers and writes workdir/eval/ (metrics.json,
+  report.md, plots) and workdir/metrics.json."""
+  is_main = jax.process_index() == 0
+  results = suite.run(params, report_dir=os.path.join(workdir, "eval") if is_main else None, step=step)
+  if is_main:
+    print(f"\nEvaluation on {config.data.eval_split} at step {step} (all numbers: "
+          f"{os.path.join(workdir, 'eval', 'report.md')}):\n{suite.summary_table(results)}", flush=True)
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
   return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """`main.py --mode=eval`: evaluates the latest checkpoint in `workdir`, writing what the end of training writes.
+
+  Model, data and seed come from the run's own config (workdir/config.json, saved by `train_and_evaluate`); the
+  evaluation settings (`config.eval`) from `config`, so a finished run can be re-evaluated with other evaluators or
+  another protocol.
+  """
+  saved = os.path.join(workdir, "config.json")
+  if os.path.exists(saved):
+    with open(saved) as f:
+      run_config = ml_collections.ConfigDict(json.load(f))
+    run_config.eval = ml_collections.ConfigDict(config.eval.to_dict())
+  else:
+    log.warning("%s has no config.json: rebuilding the model from --config as given", workdir)
+    run_config = config
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise FileNotFoundError(f"no checkpoints in {workdir}: train there first (--mode=train)")
+  manager = checkpoint_manager(workdir, run_config)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no finished checkpoint in {manager.directory}")
+  prepare_data(run_config)
+
+  # The parameters the run started from, as train_and_evaluate made them: the frozen text trunk (model.text.trunk =
+  # "cached") is not in the checkpoint and comes from here. Then the checkpoint's state, on this process's device.
+  model, pretrained = build_model(run_config.model)
+  _, init_rng = jax.random.split(jax.random.key(run_config.seed))
+  params = init_params(model, init_rng, pretrained)
+  text_mode = run_config.model.text.trunk
+  text_params = params.pop("text_encoder") if text_mode == "cached" else None
+  tx, _ = optim.make_optimizer(run_config, params)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                            params)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  log.info("evaluating step %d of %s", step, manager.directory)
+
+  suite = make_eval_suite(run_config, model, text_mode, text_params, make_tokenize(run_config))
+  return {**evaluate(run_config, workdir, suite, state.params, step), "step": float(step)}

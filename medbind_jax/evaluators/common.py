@@ -1,12 +1,14 @@
 """What every evaluator shares: the embedding functions of a model and the embeddings of one split.
 
-An evaluator is built once with `EmbedFns` (pure functions of params) and the data it reads, then
-`evaluator.run(params) -> {name: value}` can be called at any step, during training or standalone.
+An evaluator is built once with a `SplitEmbedder` (the split's records and the model's embedding functions, pure
+functions of params), then `evaluator.run(params) -> {name: value}` can be called at any step, during training or
+standalone. Evaluators run on the same params share the embedder's cache, so each record is embedded once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Callable
 
 import numpy as np
@@ -76,3 +78,73 @@ def unique_texts(index: pipeline.SplitIndex, modality: str) -> tuple[list[str], 
 def same_key(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """[len(a), len(b)] bool: equal text keys."""
   return np.all(a[:, None, :] == b[None, :, :], axis=-1)
+
+
+def known_binary(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Label column values 1 (present), 0 (absent), -1 (uncertain/unknown) -> (known mask, positive) [N] bool."""
+  known = (labels == 0) | (labels == 1)
+  return known, labels == 1
+
+
+def single_label(labels: np.ndarray, columns: list[int]) -> tuple[np.ndarray, np.ndarray]:
+  """Rows of a multi-label matrix [N, L] where exactly one of `columns` is positive and none is unknown.
+
+  Returns (selected [N] bool, class [N] int64: position in `columns` of the positive one; -1 where not selected).
+  """
+  sub = labels[:, columns]
+  selected = np.all((sub == 0) | (sub == 1), axis=1) & ((sub == 1).sum(axis=1) == 1)
+  return selected, np.where(selected, np.argmax(sub == 1, axis=1), -1).astype(np.int64)
+
+
+def in_support_half(patient_ids: list[str]) -> np.ndarray:
+  """[N] bool: the patient falls in the split's support half (a fixed hash of the patient id).
+
+  Cross-modal evaluation draws support examples from one half of the patients and scores queries of the other
+  half, so a query's own patient (e.g. the linked partner of a CXR query) never supports its class.
+  """
+  return np.array([hashlib.blake2b(p.encode("utf-8"), digest_size=1).digest()[0] % 2 == 0 for p in patient_ids],
+                  dtype=bool)
+
+
+class SplitEmbedder:
+  """The records of one evaluation split and the embeddings of a model's params on them.
+
+  `modality(params, m)` and `reports(params, m)` are computed once per params object: the cache keeps the params it
+  was filled for (compared by identity; holding the reference means the identity cannot be reused by another
+  tree), and `release()` drops it. Prompt texts (`texts`) are embedded on every call.
+  """
+
+  def __init__(self, fns: EmbedFns, index: pipeline.SplitIndex, *, cxr: preprocess.CxrSpec,
+               ecg: preprocess.EcgSpec):
+    self.fns, self.index, self.cxr_spec, self.ecg_spec = fns, index, cxr, ecg
+    self.label_names = {m: list(index.info.get(f"{m}_label_names", [])) for m in ("cxr", "ecg")}
+    self.num_records = {m: len(index.pool(m)) for m in ("cxr", "ecg")}
+    self._params, self._cache = None, {}
+
+  def _cached(self, params, key, compute):
+    if params is not self._params:
+      self._params, self._cache = params, {}
+    if key not in self._cache:
+      self._cache[key] = compute()
+    return self._cache[key]
+
+  def modality(self, params, modality: str) -> ModalityEmbeddings:
+    """Embeddings, record numbers, report keys and labels of every record with `modality`, in index order."""
+    return self._cached(params, ("modality", modality), lambda: embed_split(
+        self.fns, params, self.index, modality, cxr=self.cxr_spec, ecg=self.ecg_spec))
+
+  def reports(self, params, modality: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The split's distinct `modality` reports, their text keys [G, 2] and embeddings [G, d]."""
+    def compute():
+      texts, keys = unique_texts(self.index, modality)
+      return texts, keys, self.fns.texts(params, texts)
+    return self._cached(params, ("reports", modality), compute)
+
+  def texts(self, params, texts: list[str]) -> np.ndarray:
+    return self.fns.texts(params, texts)
+
+  def patient_ids(self, record_numbers: np.ndarray) -> list[str]:
+    return [self.index.records[int(i)].patient_id for i in record_numbers]
+
+  def release(self) -> None:
+    self._params, self._cache = None, {}

@@ -12,26 +12,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from medbind_jax.data import pipeline, preprocess
 from medbind_jax.evaluators import common, metrics
 
 
 class RetrievalEvaluator:
-  """`RetrievalEvaluator(fns, index, cxr=..., ecg=...).run(params) -> {'retrieval/<dir>/R@K': value, ...}`."""
+  """`RetrievalEvaluator(data, ks=(1, 5, 10)).run(params) -> {'retrieval/<dir>/R@K': value, ...}`."""
 
-  def __init__(self, fns: common.EmbedFns, index: pipeline.SplitIndex, *, cxr: preprocess.CxrSpec,
-               ecg: preprocess.EcgSpec, ks=(1, 5, 10), prefix: str = "retrieval"):
-    self.fns, self.index, self.cxr_spec, self.ecg_spec = fns, index, cxr, ecg
+  def __init__(self, data: common.SplitEmbedder, *, ks=(1, 5, 10), prefix: str = "retrieval"):
+    self.data, self.index = data, data.index
     self.ks, self.prefix = tuple(ks), prefix
+    self.notes: list[str] = []
 
   def run(self, params) -> dict[str, float]:
-    emb = {m: common.embed_split(self.fns, params, self.index, m, cxr=self.cxr_spec, ecg=self.ecg_spec)
-           for m in ("cxr", "ecg")}
+    emb = {m: self.data.modality(params, m) for m in ("cxr", "ecg")}
     results: dict[str, float] = {}
     recalls = {}
     for m in ("cxr", "ecg"):
-      texts, keys = common.unique_texts(self.index, m)
-      text_emb = self.fns.texts(params, texts)
+      _, keys, text_emb = self.data.reports(params, m)
       correct = common.same_key(emb[m].text_key, keys)  # [N, G]
       recalls[f"{m}_to_text"] = self._direction(results, f"{m}_to_text", emb[m].emb @ text_emb.T, correct)
       recalls[f"text_to_{m}"] = self._direction(results, f"text_to_{m}", text_emb @ emb[m].emb.T, correct.T)
@@ -45,6 +42,14 @@ class RetrievalEvaluator:
       recalls["ecg_to_cxr"] = self._direction(results, "ecg_to_cxr", scores.T, identity)
     results[f"{self.prefix}/rsum"] = metrics.rsum(recalls, self.ks)
     return results
+
+  def summary(self, results: dict[str, float]) -> dict[str, float]:
+    """Headline numbers: RSUM and R@1 of every direction."""
+    return {k: v for k, v in results.items()
+            if k.startswith(self.prefix + "/") and (k.endswith("/rsum") or k.endswith(f"/R@{self.ks[0]}"))}
+
+  def table(self, results: dict[str, float]) -> str:
+    return "R@K in %, chance level in brackets.\n\n" + format_table(results, self.prefix, self.ks)
 
   def _direction(self, results: dict, name: str, scores: np.ndarray, correct: np.ndarray) -> dict[int, float]:
     recall = metrics.recall_at_k(scores, correct, self.ks)

@@ -1,0 +1,197 @@
+"""The evaluation report: `metrics.json` (every number), `report.md` (markdown tables) and PNG plots.
+
+  embedding_map.png    one 2-D t-SNE of CXR, ECG and report-text embeddings, shown three ways: by modality, and the
+                       CXR side and the ECG side each coloured by finding (the protocol's first multi-class task of
+                       that modality; "other" = several or none of its classes).
+  few_shot_curves.png  few-shot metric against shots per class, mean +- std over seeds, with chance levels.
+
+Plots use matplotlib's object API (`Figure`), not pyplot: no global state, no display backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+from medbind_jax.evaluators import common, few_shot, tsne
+from medbind_jax.evaluators import protocol as protocol_lib
+
+
+METRICS_FILE, REPORT_FILE = "metrics.json", "report.md"
+MAP_FILE, FEW_SHOT_FILE = "embedding_map.png", "few_shot_curves.png"
+_TITLES = {"retrieval": "Retrieval", "zero_shot": "Zero-shot classification", "few_shot": "Few-shot linear probe",
+           "cross_modal": "CXR<->ECG cross-modal zero-shot classification"}
+_OTHER = "other"
+
+
+def write(out_dir: str, results: Mapping[str, float], *, step: int | None, evaluators: Mapping, data:
+          common.SplitEmbedder, params, protocol: protocol_lib.Protocol, plots: bool = True,
+          plot_points: int = 300) -> list[str]:
+  """Writes the report files into `out_dir` (created); returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = [os.path.join(out_dir, METRICS_FILE), os.path.join(out_dir, REPORT_FILE)]
+  with open(paths[0] + ".tmp", "w") as f:
+    json.dump({"step": step, **results}, f, indent=2, sort_keys=True)
+  os.replace(paths[0] + ".tmp", paths[0])
+  figures = []
+  if plots:
+    if data.num_records["cxr"] + data.num_records["ecg"] >= 4:
+      plot_embedding_map(os.path.join(out_dir, MAP_FILE), embedding_map_points(data, params, protocol, plot_points))
+      figures.append(("Joint embedding space (t-SNE)", MAP_FILE))
+    for evaluator in evaluators.values():
+      if isinstance(evaluator, few_shot.FewShotEvaluator) and evaluator.curves(results):
+        plot_few_shot(os.path.join(out_dir, FEW_SHOT_FILE), evaluator.curves(results))
+        figures.append(("Few-shot curves", FEW_SHOT_FILE))
+  with open(paths[1], "w") as f:
+    f.write(markdown(results, step=step, evaluators=evaluators, data=data, protocol=protocol, figures=figures))
+  return paths + [os.path.join(out_dir, name) for _, name in figures]
+
+
+def summary(results: Mapping[str, float], evaluators: Mapping) -> dict[str, float]:
+  """The headline numbers of every evaluator (its `summary`), in evaluator order."""
+  out = {}
+  for evaluator in evaluators.values():
+    out.update(evaluator.summary(results))
+  return out
+
+
+def summary_table(results: Mapping[str, float], evaluators: Mapping) -> str:
+  lines = ["| metric | value |", "|---|---:|"]
+  lines += [f"| {name} | {value:.4g} |" for name, value in summary(results, evaluators).items()]
+  return "\n".join(lines)
+
+
+def markdown(results: Mapping[str, float], *, step, evaluators: Mapping, data: common.SplitEmbedder,
+             protocol: protocol_lib.Protocol, figures: list[tuple[str, str]]) -> str:
+  index = data.index
+  parts = [f"# MEDBind evaluation{f' at step {step}' if step is not None else ''}", "",
+           f"Split `{index.split}` of `{index.data_dir}`: {data.num_records['cxr']} CXR and "
+           f"{data.num_records['ecg']} ECG records. Protocol `{protocol.version}`. Evaluators: "
+           + ", ".join(f"`{name}`" for name in evaluators) + ". Every number is in `metrics.json`.", "",
+           "## Summary", "", summary_table(results, evaluators)]
+  for name, evaluator in evaluators.items():
+    parts += ["", f"## {_TITLES.get(name, name)}", "", evaluator.table(results)]
+  notes = [(name, note) for name, evaluator in evaluators.items() for note in evaluator.notes]
+  if notes:
+    parts += ["", "## Skipped", "", *[f"- {name}: {note}" for name, note in notes]]
+  if figures:
+    parts += ["", "## Plots", ""] + [f"![{title}]({file})\n" for title, file in figures]
+  return "\n".join(parts).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Embedding map
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def finding_categories(labels: np.ndarray, names: list[str], classes: list[str]) -> list[str]:
+  """Per row of [N, L] labels: the one class of `classes` that is positive, else "other" (several or none)."""
+  columns = [names.index(c) for c in classes]
+  selected, which = common.single_label(labels, columns)
+  return [classes[w] if s else _OTHER for s, w in zip(selected, which)]
+
+
+def embedding_map_points(data: common.SplitEmbedder, params, protocol: protocol_lib.Protocol,
+                         max_points: int) -> dict[str, tuple[np.ndarray, list[str]]]:
+  """{group: (embeddings [n, d], finding per point)} for groups 'cxr', 'cxr report', 'ecg', 'ecg report'.
+
+  At most `max_points` records per modality (a fixed random subset); each distinct report of those records is one
+  text point, coloured by the finding of the first record that has it.
+  """
+  groups = {}
+  for modality in protocol_lib.MODALITIES:
+    if not data.num_records[modality]:
+      continue
+    emb = data.modality(params, modality)
+    names = data.label_names[modality]
+    tasks = [t for t in protocol.multiclass_tasks if t.modality == modality and set(t.classes) <= set(names)]
+    classes = list(tasks[0].classes) if tasks else names
+    rows = np.arange(len(emb.emb))
+    if rows.size > max_points:
+      rows = np.sort(np.random.default_rng(0).choice(rows, max_points, replace=False))
+    category = finding_categories(emb.labels[rows], names, classes)
+    groups[modality] = (emb.emb[rows], category)
+    _, keys, report_emb = data.reports(params, modality)
+    report_row = {tuple(k): i for i, k in enumerate(keys.tolist())}
+    first = {}
+    for key, cat in zip(emb.text_key[rows].tolist(), category):
+      first.setdefault(report_row[tuple(key)], cat)
+    groups[f"{modality} report"] = (report_emb[list(first)], list(first.values()))
+  return groups
+
+
+def plot_embedding_map(path: str, groups: Mapping[str, tuple[np.ndarray, list[str]]]) -> None:
+  names = list(groups)
+  coords = tsne.tsne(np.concatenate([groups[g][0] for g in names]))
+  bounds = np.cumsum([0] + [len(groups[g][1]) for g in names])
+  xy = {g: coords[bounds[i]:bounds[i + 1]] for i, g in enumerate(names)}
+  modalities = [m for m in protocol_lib.MODALITIES if m in groups]
+  fig = Figure(figsize=(6.5 * (1 + len(modalities)), 7.0), dpi=110, layout="constrained")
+  axes = fig.subplots(1, 1 + len(modalities))
+  style = {"cxr": ("CXR", "tab:blue", "o"), "cxr report": ("CXR report", "tab:cyan", "x"),
+           "ecg": ("ECG", "tab:red", "^"), "ecg report": ("ECG report", "tab:orange", "+")}
+  for g in names:
+    label, colour, marker = style[g]
+    axes[0].scatter(*xy[g].T, s=14, c=colour, marker=marker, alpha=0.7, linewidths=0.8, label=f"{label} ({len(xy[g])})")
+  axes[0].set_title("by modality (o / ^: CXR / ECG, x / +: their reports)")
+  axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.03), ncol=2, fontsize=9, frameon=False)
+  for ax, modality in zip(axes[1:], modalities):
+    for g in names:  # the other modality's points as a grey backdrop
+      if not g.startswith(modality):
+        ax.scatter(*xy[g].T, s=6, c="0.85", marker="o", linewidths=0)
+    cats = sorted({c for g in (modality, f"{modality} report") if g in groups for c in groups[g][1]},
+                  key=lambda c: (c == _OTHER, c))
+    palette = dict(zip([c for c in cats if c != _OTHER], _colours(len(cats))))
+    palette[_OTHER] = "0.55"
+    for g, marker, size in ((modality, "o", 16), (f"{modality} report", "x", 26)):
+      if g not in groups:
+        continue
+      colours = [palette[c] for c in groups[g][1]]
+      ax.scatter(*xy[g].T, s=size, c=colours, marker=marker, alpha=0.8, linewidths=0.9)
+    handles = [ax.scatter([], [], s=30, c=[palette[c]], marker="s", label=c) for c in cats]
+    handles += [ax.scatter([], [], s=30, c="k", marker="o", label=f"{modality.upper()} embedding"),
+                ax.scatter([], [], s=30, c="k", marker="x", label="report text")]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.03), ncol=3, fontsize=9, frameon=False)
+    ax.set_title(f"{modality.upper()} side coloured by finding")
+  for ax in axes:
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.suptitle("t-SNE of the joint embedding space", fontsize=13)
+  fig.savefig(path)
+
+
+def _colours(n: int) -> list:
+  cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+  return [cmap(i) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Few-shot curves
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def plot_few_shot(path: str, curves: Mapping[str, list[few_shot.Curve]]) -> None:
+  fig = Figure(figsize=(6.5 * len(curves), 5.0), dpi=110, layout="constrained")
+  axes = np.atleast_1d(fig.subplots(1, len(curves)))
+  for ax, (modality, lines) in zip(axes, curves.items()):
+    for i, (curve, colour) in enumerate(zip(lines, _colours(len(lines)))):
+      mean, std = np.asarray(curve.mean), np.asarray(curve.std)
+      ax.plot(curve.shots, mean, marker="o", color=colour, label=curve.label)
+      ax.fill_between(curve.shots, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
+      ax.axhline(curve.chance, color=colour, linestyle=":", linewidth=1.0,
+                 label="chance (dotted, per line)" if i == 0 else None)
+    shots = sorted({k for curve in lines for k in curve.shots})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(shots, [str(k) for k in shots])
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("score (mean ± std over seeds)")
+    ax.set_title(f"{modality.upper()}: few-shot ridge probe")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="lower right")
+  fig.savefig(path)
