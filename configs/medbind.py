@@ -51,10 +51,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.num_threads = 8 if arg.paper else 2
   c.data.prefetch = 8 if arg.paper else 4
   c.data.augment = True
-  c.data.cxr = ml_collections.ConfigDict(dict(image_size=224 if arg.paper else 64,
+  # Input sizes are shared by reference with the towers, so `--config.data.cxr.image_size=...` resizes both.
+  image_size = ml_collections.FieldReference(224 if arg.paper else 64)
+  ecg_samples = ml_collections.FieldReference(5000 if arg.paper else 1000)
+  c.data.cxr = ml_collections.ConfigDict(dict(image_size=image_size,
                                               channels=1, mean=0.5, std=0.25, crop_scale=(0.8, 1.0), jitter=0.1))
   c.data.ecg = ml_collections.ConfigDict(dict(sampling_rate=500.0 if arg.paper else 100.0,
-                                              num_samples=5000 if arg.paper else 1000, scale_mv=1.0,
+                                              num_samples=ecg_samples, scale_mv=1.0,
                                               amplitude_jitter=0.1, noise_mv=0.02))
   c.data.text_max_length = 128 if arg.paper else 64
   # The synthetic world is generated into data.dir when its parameters differ from what is there.
@@ -75,10 +78,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.cxr = ml_collections.ConfigDict(dict(name="swin", init=arg.cxr_init, skip_keys=(), kwargs=dict()))
   else:
     c.model.cxr = ml_collections.ConfigDict(dict(name="vit", init="", skip_keys=(), kwargs=dict(
-        image_size=64, patch_size=8, num_channels=1, hidden_size=96, num_layers=3, num_heads=3, mlp_dim=288,
-        pooling="mean")))
+        image_size=image_size, patch_size=8, num_channels=1, hidden_size=96, num_layers=3, num_heads=3, mlp_dim=288,
+        pooling="mean", stem_channels=())))
   c.model.ecg = ml_collections.ConfigDict(dict(name="ecg_transformer", init="", skip_keys=(), kwargs=dict(
-      num_samples=c.data.ecg.num_samples, num_leads=12,
+      num_samples=ecg_samples, num_leads=12,
       patch_size=50,
       hidden_size=512 if arg.paper else 96, num_layers=8 if arg.paper else 3, num_heads=8 if arg.paper else 3,
       mlp_dim=2048 if arg.paper else 288, pooling="mean")))

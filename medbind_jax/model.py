@@ -104,8 +104,9 @@ class MedBind(nn.Module):
 
 
 def tower_kwargs(tower_config: ml_collections.ConfigDict) -> dict:
-  """Module fields of a tower from its config; dtype names ('bfloat16') become dtypes."""
-  kwargs = dict(tower_config.get("kwargs", {}) or {})
+  """Module fields of a tower from its config; dtype names ('bfloat16') become dtypes, lists (as a config
+  reloaded from JSON holds them) tuples."""
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (tower_config.get("kwargs", {}) or {}).items()}
   for key in ("dtype", "param_dtype"):
     if isinstance(kwargs.get(key), str):
       kwargs[key] = jnp.dtype(kwargs[key])
