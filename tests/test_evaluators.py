@@ -412,3 +412,11 @@ def test_training_evaluates_every_n_steps_and_mode_eval_reproduces_the_final_num
     assert value == pytest.approx(final[key], abs=1e-5), key
   for name in (report.REPORT_FILE, report.MAP_FILE, report.FEW_SHOT_FILE):
     assert os.path.getsize(workdir / "eval" / name) > 0
+
+
+def test_single_label_with_no_label_columns_selects_nothing():
+  # A converted dataset may carry no labels for a modality (e.g. MIMIC-IV-ECG): no class, no crash.
+  selected, which = common.single_label(np.zeros((3, 0), np.float32), [])
+  assert not selected.any() and (which == -1).all()
+  selected, which = common.single_label(np.array([[1, 0], [1, 1], [0, -1]], np.float32), [0, 1])
+  assert selected.tolist() == [True, False, False] and which.tolist() == [0, -1, -1]

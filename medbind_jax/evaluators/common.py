@@ -91,6 +91,8 @@ def single_label(labels: np.ndarray, columns: list[int]) -> tuple[np.ndarray, np
 
   Returns (selected [N] bool, class [N] int64: position in `columns` of the positive one; -1 where not selected).
   """
+  if not columns:  # a dataset without labels for this modality: no row has a class
+    return np.zeros(len(labels), bool), np.full(len(labels), -1, np.int64)
   sub = labels[:, columns]
   selected = np.all((sub == 0) | (sub == 1), axis=1) & ((sub == 1).sum(axis=1) == 1)
   return selected, np.where(selected, np.argmax(sub == 1, axis=1), -1).astype(np.int64)
