@@ -37,7 +37,6 @@ from PIL import Image
 
 from medbind_jax import train
 from medbind_jax.data import preprocess, schema
-from medbind_jax.data import text as text_lib
 from medbind_jax.data.preprocess import InputError
 from medbind_jax.model import MODALITIES, MedBind, build_model, init_params
 
@@ -139,13 +138,12 @@ def frozen_text_params(config: ml_collections.ConfigDict, model: MedBind, pretra
   """The frozen text trunk of a run with `model.text.trunk == 'cached'` (checkpoints leave it out).
 
   It is the pretrained tower (`model.text.init`), or, for a randomly initialised trunk, a fixed function of
-  the run's seed, drawn again as `train.train_and_evaluate` draws it (`key(seed)` split into (rng, init_rng)).
+  the run's seed, drawn again by `train.initial_params`.
   """
   if "text" in pretrained:
     return pretrained["text"]
   log.info("model.text.init is empty: rebuilding the frozen random text trunk from seed %d", config.seed)
-  _, init_rng = jax.random.split(jax.random.key(config.seed))
-  return init_params(model, init_rng, pretrained)["text_encoder"]
+  return train.initial_params(config, model, pretrained)["text_encoder"]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -222,8 +220,7 @@ class Embedder:
     text_mode = config.model.text.trunk
     if text_mode == "cached" and text_params is None:
       raise ValueError("model.text.trunk is 'cached': pass the frozen trunk as text_params")
-    tokenizer_dir = config.model.text.get("tokenizer") or config.model.text.init
-    self.tokenize = text_lib.Tokenize(text_lib.resolve_pretrained(tokenizer_dir), config.data.text_max_length)
+    self.tokenize = train.make_tokenize(config)
     device = jax.local_devices()[0]
     self.params = jax.device_put(params, device)
     text_params = None if text_params is None else jax.device_put(text_params, device)

@@ -114,6 +114,14 @@ def build_text_table(model: MedBind, text_params, texts: list[str], tokenize: te
   return table
 
 
+def initial_params(config, model: MedBind, pretrained) -> dict:
+  """The parameters a run of `config` starts from: pretrained towers as loaded, the rest drawn from the second
+  key of `key(config.seed)` split in two (the first drives dropout). Evaluation and inference rebuild a frozen
+  text trunk, which checkpoints leave out, from here."""
+  _, init_rng = jax.random.split(jax.random.key(config.seed))
+  return init_params(model, init_rng, pretrained)
+
+
 def make_tokenize(config) -> text_lib.Tokenize:
   tokenizer_dir = config.model.text.get("tokenizer") or config.model.text.init
   if not tokenizer_dir:
@@ -201,8 +209,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ---- Model -----------------------------------------------------------------------------------------------------
   model, pretrained = build_model(config.model)
-  rng, init_rng = jax.random.split(rng)
-  params = init_params(model, init_rng, pretrained)
+  rng, _ = jax.random.split(rng)  # the second key is initial_params'
+  params = initial_params(config, model, pretrained)
   text_mode = config.model.text.trunk
   if text_mode not in ("cached", "train"):
     raise ValueError(f"model.text.trunk must be 'cached' or 'train', got {text_mode!r}")
@@ -414,8 +422,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   # The parameters the run started from, as train_and_evaluate made them: the frozen text trunk (model.text.trunk =
   # "cached") is not in the checkpoint and comes from here. Then the checkpoint's state, on this process's device.
   model, pretrained = build_model(run_config.model)
-  _, init_rng = jax.random.split(jax.random.key(run_config.seed))
-  params = init_params(model, init_rng, pretrained)
+  params = initial_params(run_config, model, pretrained)
   text_mode = run_config.model.text.trunk
   text_params = params.pop("text_encoder") if text_mode == "cached" else None
   tx, _ = optim.make_optimizer(run_config, params)
