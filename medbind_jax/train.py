@@ -31,7 +31,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from medbind_jax import evaluators, losses, metric_writer, optim
 from medbind_jax.data import pipeline, preprocess, schema
 from medbind_jax.data import text as text_lib
-from medbind_jax.evaluators import common
+from medbind_jax.evaluators import common, retrieval
 from medbind_jax.model import MedBind, build_model, init_params
 
 log = logging.getLogger(__name__)
@@ -391,6 +391,9 @@ def evaluate(config, workdir: str, suite: evaluators.Suite, params, step: int) -
   if is_main:
     print(f"\nEvaluation on {config.data.eval_split} at step {step} (all numbers: "
           f"{os.path.join(workdir, 'eval', 'report.md')}):\n{suite.summary_table(results)}", flush=True)
+    if "retrieval" in suite.evaluators:
+      print(f"\nRetrieval on {config.data.eval_split} (R@K in %, chance level in brackets):\n"
+            + retrieval.format_table(results, ks=config.eval.ks), flush=True)
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
   return results

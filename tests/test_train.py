@@ -80,9 +80,16 @@ def test_resume_equals_uninterrupted_and_compiles_once(data_dir, tmp_path, caplo
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(full, "tensorboard")))
 
 
-def test_frozen_text_trunk_is_left_out_and_text_table_is_used(data_dir, tmp_path):
+def test_frozen_text_trunk_is_left_out_and_text_table_is_used(data_dir, tmp_path, capsys):
   config = tiny_config(data_dir, total_steps=2)
-  train.train_and_evaluate(config, str(tmp_path))
+  results = train.train_and_evaluate(config, str(tmp_path))
+  # The final retrieval is printed next to chance level, one row per direction.
+  printed = capsys.readouterr().out
+  assert "R@1 (chance)" in printed
+  for direction in ("cxr_to_text", "ecg_to_text", "text_to_cxr", "text_to_ecg", "cxr_to_ecg", "ecg_to_cxr"):
+    row = next(line for line in printed.splitlines() if line.startswith(f"| {direction} |"))
+    r1 = results[f"retrieval/{direction}/R@1"]
+    assert f"{100 * r1:.1f} ({100 * results[f'retrieval/{direction}/chance@1']:.1f})" in row
   params = _final_params(str(tmp_path), 2)
   assert "text_encoder" not in params and "text_head" in params
   assert any(f.startswith("text_features_") for f in os.listdir(tmp_path / "cache"))
