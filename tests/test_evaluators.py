@@ -420,3 +420,18 @@ def test_single_label_with_no_label_columns_selects_nothing():
   assert not selected.any() and (which == -1).all()
   selected, which = common.single_label(np.array([[1, 0], [1, 1], [0, -1]], np.float32), [0, 1])
   assert selected.tolist() == [True, False, False] and which.tolist() == [0, -1, -1]
+
+
+def test_within_report_retrieval_ranks_only_among_same_report_partners():
+  # Partners 0-2 share a report, 3 has its own. Query 0's partner beats impostor 1 but not 2; query 1 beats both;
+  # query 2 loses to 0 by a tie (ties count against); query 3 has no impostor. Cross-report scores are ignored.
+  scores = np.array([[0.5, 0.4, 0.6, 9.0],
+                     [0.1, 0.8, 0.2, 9.0],
+                     [0.3, 0.0, 0.3, 9.0],
+                     [9.0, 9.0, 9.0, 0.0]])
+  reports = np.array(["A", "A", "A", "B"])
+  got = retrieval.within_report(scores, reports, "w")
+  assert got["w/R@1"] == pytest.approx(2 / 4)  # queries 1 and 3
+  assert got["w/chance@1"] == pytest.approx((1 / 3 * 3 + 1) / 4)
+  assert got["w/num_queries_with_impostors"] == 3
+  assert got["w/pairwise_accuracy"] == pytest.approx((1 / 2 + 2 / 2 + 1 / 2) / 3)

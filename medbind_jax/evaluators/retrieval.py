@@ -4,6 +4,11 @@
   at K when the text identical (after normalising case and space) to its own report is in the top K.
 - text->modality: each distinct report is a query; correct when any record with that report is in the top K.
 - CXR<->ECG: the linked records of the split; correct when the partner from the same encounter is in the top K.
+- CXR<->ECG within report (`retrieval_within_report/...`): the same linked queries, but the gallery is only the
+  partners whose own report is identical to the true partner's, so text cannot tell them apart and only what the
+  two signals share beyond their reports (continuous severity, in the synthetic world) can rank the true one
+  first. R@1 with its chance level, and the pairwise accuracy: the fraction of same-report impostors the true
+  partner outscores (chance 0.5; queries whose group is the partner alone are left out).
 
 Each R@K is reported next to the recall a random ranking would get (`chance@K`), and RSUM (percent).
 """
@@ -40,6 +45,9 @@ class RetrievalEvaluator:
       identity = np.eye(len(linked), dtype=bool)
       recalls["cxr_to_ecg"] = self._direction(results, "cxr_to_ecg", scores, identity)
       recalls["ecg_to_cxr"] = self._direction(results, "ecg_to_cxr", scores.T, identity)
+      reports = {m: np.array([getattr(self.index.records[i], f"{m}_report") for i in linked]) for m in ("cxr", "ecg")}
+      for name, pair_scores, partner in (("cxr_to_ecg", scores, "ecg"), ("ecg_to_cxr", scores.T, "cxr")):
+        results.update(within_report(pair_scores, reports[partner], f"retrieval_within_report/{name}"))
     results[f"{self.prefix}/rsum"] = metrics.rsum(recalls, self.ks)
     return results
 
@@ -49,7 +57,19 @@ class RetrievalEvaluator:
             if k.startswith(self.prefix + "/") and (k.endswith("/rsum") or k.endswith(f"/R@{self.ks[0]}"))}
 
   def table(self, results: dict[str, float]) -> str:
-    return "R@K in %, chance level in brackets.\n\n" + format_table(results, self.prefix, self.ks)
+    lines = ["R@K in %, chance level in brackets.", "", format_table(results, self.prefix, self.ks)]
+    within = sorted({k.split("/")[1] for k in results if k.startswith("retrieval_within_report/")})
+    if within:
+      lines += ["", "Linked CXR<->ECG within same-report galleries (what the signals share beyond their reports):",
+                "", "| direction | queries (with impostors) | R@1 (chance) | pairwise accuracy (chance 50) |",
+                "|---|---:|---:|---:|"]
+      for d in within:
+        base = f"retrieval_within_report/{d}"
+        pairwise = results.get(f"{base}/pairwise_accuracy")
+        queries = f"{results[f'{base}/num_queries']:.0f} ({results[f'{base}/num_queries_with_impostors']:.0f})"
+        lines.append(f"| {d} | {queries} | {100 * results[f'{base}/R@1']:.1f} ({100 * results[f'{base}/chance@1']:.1f})"
+                     " | " + ("–" if pairwise is None else f"{100 * pairwise:.1f}") + " |")
+    return "\n".join(lines)
 
   def _direction(self, results: dict, name: str, scores: np.ndarray, correct: np.ndarray) -> dict[int, float]:
     recall = metrics.recall_at_k(scores, correct, self.ks)
@@ -60,6 +80,24 @@ class RetrievalEvaluator:
     results[f"{self.prefix}/{name}/num_queries"] = float(scores.shape[0])
     results[f"{self.prefix}/{name}/gallery_size"] = float(scores.shape[1])
     return recall
+
+
+def within_report(scores: np.ndarray, partner_reports: np.ndarray, prefix: str) -> dict[str, float]:
+  """Linked retrieval restricted to same-report galleries: `scores` [N, N] with the true partner of query i at
+  column i, `partner_reports` [N] the partners' report texts. See the module docstring."""
+  same = partner_reports[None, :] == partner_reports[:, None]  # [N, N]: gallery j shares query i's partner's report
+  own = np.diag(scores)[:, None]
+  impostors = same & ~np.eye(len(scores), dtype=bool)
+  outranked = (impostors & (scores >= own)).sum(1)  # ties count against the query, as in recall_at_k
+  group = same.sum(1)
+  has_impostors = group > 1
+  out = {f"{prefix}/R@1": float(np.mean(outranked == 0)), f"{prefix}/chance@1": float(np.mean(1 / group)),
+         f"{prefix}/num_queries": float(len(scores)),
+         f"{prefix}/num_queries_with_impostors": float(has_impostors.sum())}
+  if has_impostors.any():
+    beaten = (impostors & (scores < own)).sum(1)
+    out[f"{prefix}/pairwise_accuracy"] = float(np.mean(beaten[has_impostors] / (group[has_impostors] - 1)))
+  return out
 
 
 def _rows_of(record_numbers: np.ndarray, wanted: np.ndarray) -> np.ndarray:
