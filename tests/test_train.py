@@ -11,6 +11,7 @@ import pytest
 
 from configs import medbind
 from medbind_jax import train
+from medbind_jax.data import tfrecord
 from tiny_data import write_tiny_dataset
 
 
@@ -128,3 +129,23 @@ def test_frozen_parameters_stay_bit_identical_with_bf16_and_remat(data_dir, tmp_
       assert not np.array_equal(a, b), name  # the trainable text layer does learn
       moved += 1
   assert frozen >= 10 and moved >= 4
+
+
+def test_a_damaged_record_stops_the_run_unless_skipping_is_enabled(tmp_path, caplog):
+  data = tmp_path / "data"
+  data.mkdir()
+  write_tiny_dataset(data, num_records=32, num_shards=2, splits=("train", "test"))
+  shard = str(data / "train.tfrecord-00000-of-00002")
+  frame = tfrecord.scan_tfrecord(shard).frames[3]
+  with open(shard, "r+b") as f:  # one flipped byte inside the 4th record's payload
+    f.seek(frame.offset + 7)
+    byte = f.read(1)
+    f.seek(frame.offset + 7)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  with pytest.raises(tfrecord.CorruptRecordError, match=rf"{shard}.*{frame.frame_offset}"):
+    train.train_and_evaluate(tiny_config(str(data), total_steps=2), str(tmp_path / "strict"))
+  with caplog.at_level(logging.WARNING):
+    results = train.train_and_evaluate(tiny_config(str(data), total_steps=2, **{"data.skip_corrupt": True}),
+                                       str(tmp_path / "skipping"))
+  assert results is not None and np.isfinite(results["retrieval/rsum"])
+  assert any("1 damaged records skipped" in r.getMessage() for r in caplog.records)

@@ -107,7 +107,7 @@ def index_split(data_dir: str, split: str, *, skip_corrupt: bool = False, progre
       num_missing += shard["num_examples"] - found
   if skipped or num_missing:
     log.warning("%s/%s: %d damaged records skipped, %d listed records unreadable in all",
-                    data_dir, split, len(skipped), num_missing)
+                data_dir, split, len(skipped), num_missing)
   return SplitIndex(data_dir, split, records, info, skipped, num_missing)
 
 
