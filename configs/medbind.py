@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          emcl_weight=1.0, cxr_init="", text_init="")
   c = ml_collections.ConfigDict()
   c.seed = arg.seed
-  c.total_steps = arg.steps or (20_000 if arg.paper else 500)
+  c.total_steps = arg.steps or (20_000 if arg.paper else 1000)
   c.log_every = 50 if arg.paper else 10
   c.checkpoint_every = 1000 if arg.paper else 100
   c.keep_checkpoints = 3
