@@ -391,6 +391,8 @@ def test_training_evaluates_every_n_steps_and_mode_eval_reproduces_the_final_num
   markdown = (workdir / "eval" / "report.md").read_text()
   assert "has no prompts for it" in markdown and "has no label 'cardiomegaly'" in markdown
   assert "few_shot/cxr/a/1-shot/auroc_mean" in final
+  assert 0 <= final["retrieval_within_findings/cxr_to_ecg/R@1"] <= 1  # every tiny record is linked
+  assert "within same-findings galleries" in markdown
 
   os.remove(workdir / "eval" / "metrics.json")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -422,15 +424,15 @@ def test_single_label_with_no_label_columns_selects_nothing():
   assert selected.tolist() == [True, False, False] and which.tolist() == [0, -1, -1]
 
 
-def test_within_report_retrieval_ranks_only_among_same_report_partners():
-  # Partners 0-2 share a report, 3 has its own. Query 0's partner beats impostor 1 but not 2; query 1 beats both;
+def test_within_groups_retrieval_ranks_only_among_same_group_partners():
+  # Partners 0-2 share a group (e.g. the same findings), 3 has its own. Query 0's partner beats impostor 1 but not 2; query 1 beats both;
   # query 2 loses to 0 by a tie (ties count against); query 3 has no impostor. Cross-report scores are ignored.
   scores = np.array([[0.5, 0.4, 0.6, 9.0],
                      [0.1, 0.8, 0.2, 9.0],
                      [0.3, 0.0, 0.3, 9.0],
                      [9.0, 9.0, 9.0, 0.0]])
   reports = np.array(["A", "A", "A", "B"])
-  got = retrieval.within_report(scores, reports, "w")
+  got = retrieval.within_groups(scores, reports, "w")
   assert got["w/R@1"] == pytest.approx(2 / 4)  # queries 1 and 3
   assert got["w/chance@1"] == pytest.approx((1 / 3 * 3 + 1) / 4)
   assert got["w/num_queries_with_impostors"] == 3

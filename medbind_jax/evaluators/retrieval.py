@@ -4,11 +4,12 @@
   at K when the text identical (after normalising case and space) to its own report is in the top K.
 - text->modality: each distinct report is a query; correct when any record with that report is in the top K.
 - CXR<->ECG: the linked records of the split; correct when the partner from the same encounter is in the top K.
-- CXR<->ECG within report (`retrieval_within_report/...`): the same linked queries, but the gallery is only the
-  partners whose own report is identical to the true partner's, so text cannot tell them apart and only what the
-  two signals share beyond their reports (continuous severity, in the synthetic world) can rank the true one
-  first. R@1 with its chance level, and the pairwise accuracy: the fraction of same-report impostors the true
-  partner outscores (chance 0.5; queries whose group is the partner alone are left out).
+- CXR<->ECG within findings (`retrieval_within_findings/...`): the same linked queries, but the gallery is only
+  the partners whose report states exactly the findings of the true partner's (same label vector), so the
+  reports cannot tell them apart and only what the two signals share beyond their reports (continuous severity,
+  in the synthetic world) can rank the true one first. R@1 with its chance level, and the pairwise accuracy: the
+  fraction of same-findings impostors the true partner outscores (chance 0.5; queries whose group is the partner
+  alone are left out).
 
 Each R@K is reported next to the recall a random ranking would get (`chance@K`), and RSUM (percent).
 """
@@ -45,9 +46,10 @@ class RetrievalEvaluator:
       identity = np.eye(len(linked), dtype=bool)
       recalls["cxr_to_ecg"] = self._direction(results, "cxr_to_ecg", scores, identity)
       recalls["ecg_to_cxr"] = self._direction(results, "ecg_to_cxr", scores.T, identity)
-      reports = {m: np.array([getattr(self.index.records[i], f"{m}_report") for i in linked]) for m in ("cxr", "ecg")}
+      findings = {m: np.array([" ".join(map(str, row)) for row in emb[m].labels[rows].astype(int)])
+                  for m, rows in (("cxr", cxr_rows), ("ecg", ecg_rows))}
       for name, pair_scores, partner in (("cxr_to_ecg", scores, "ecg"), ("ecg_to_cxr", scores.T, "cxr")):
-        results.update(within_report(pair_scores, reports[partner], f"retrieval_within_report/{name}"))
+        results.update(within_groups(pair_scores, findings[partner], f"retrieval_within_findings/{name}"))
     results[f"{self.prefix}/rsum"] = metrics.rsum(recalls, self.ks)
     return results
 
@@ -58,13 +60,13 @@ class RetrievalEvaluator:
 
   def table(self, results: dict[str, float]) -> str:
     lines = ["R@K in %, chance level in brackets.", "", format_table(results, self.prefix, self.ks)]
-    within = sorted({k.split("/")[1] for k in results if k.startswith("retrieval_within_report/")})
+    within = sorted({k.split("/")[1] for k in results if k.startswith("retrieval_within_findings/")})
     if within:
-      lines += ["", "Linked CXR<->ECG within same-report galleries (what the signals share beyond their reports):",
+      lines += ["", "Linked CXR<->ECG within same-findings galleries (what the signals share beyond their reports):",
                 "", "| direction | queries (with impostors) | R@1 (chance) | pairwise accuracy (chance 50) |",
                 "|---|---:|---:|---:|"]
       for d in within:
-        base = f"retrieval_within_report/{d}"
+        base = f"retrieval_within_findings/{d}"
         pairwise = results.get(f"{base}/pairwise_accuracy")
         queries = f"{results[f'{base}/num_queries']:.0f} ({results[f'{base}/num_queries_with_impostors']:.0f})"
         lines.append(f"| {d} | {queries} | {100 * results[f'{base}/R@1']:.1f} ({100 * results[f'{base}/chance@1']:.1f})"
@@ -82,10 +84,10 @@ class RetrievalEvaluator:
     return recall
 
 
-def within_report(scores: np.ndarray, partner_reports: np.ndarray, prefix: str) -> dict[str, float]:
-  """Linked retrieval restricted to same-report galleries: `scores` [N, N] with the true partner of query i at
-  column i, `partner_reports` [N] the partners' report texts. See the module docstring."""
-  same = partner_reports[None, :] == partner_reports[:, None]  # [N, N]: gallery j shares query i's partner's report
+def within_groups(scores: np.ndarray, partner_groups: np.ndarray, prefix: str) -> dict[str, float]:
+  """Linked retrieval restricted to same-group galleries: `scores` [N, N] with the true partner of query i at
+  column i, `partner_groups` [N] the partners' groups (e.g. their findings). See the module docstring."""
+  same = partner_groups[None, :] == partner_groups[:, None]  # [N, N]: gallery j is in query i's partner's group
   own = np.diag(scores)[:, None]
   impostors = same & ~np.eye(len(scores), dtype=bool)
   outranked = (impostors & (scores >= own)).sum(1)  # ties count against the query, as in recall_at_k
