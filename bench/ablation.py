@@ -33,7 +33,8 @@ log = logging.getLogger("medbind_jax.ablation")
 # Bookkeeping, not measurements of the model: left out of the comparison.
 _NOT_METRICS = re.compile(r"(/num_\w+|/gallery_size|/chance@\d+|/chance_balanced_accuracy|^step)$")
 # The rows repeated at the top of the table.
-_HEADLINE = re.compile(r"^(retrieval/rsum|retrieval/(cxr_to_ecg|ecg_to_cxr)/R@\d+|cross_modal/[^/]+/balanced_accuracy"
+_HEADLINE = re.compile(r"^(retrieval/rsum|retrieval/(cxr_to_ecg|ecg_to_cxr)/R@\d+|retrieval/\w+_to_text/R@1"
+                       r"|retrieval_within_findings/\w+/(R@1|pairwise_accuracy)|cross_modal/[^/]+/balanced_accuracy"
                        r"|zero_shot/[^/]+/macro_auroc|few_shot/[^/]+/macro/\d+-shot/auroc_mean)$")
 
 
