@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import os
 from typing import Any, Callable, Sequence
@@ -42,7 +41,6 @@ from medbind_jax.model import MODALITIES, MedBind, build_model, init_params
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 
@@ -73,14 +71,6 @@ class Embedded:
 def _path(workdir: str) -> epath.Path:
   """A local workdir made absolute (orbax needs that), or a cloud one (gs://...) as it is."""
   return epath.Path(workdir if "://" in os.fspath(workdir) else os.path.abspath(workdir))
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's config as `train.train_and_evaluate` saved it (JSON: tuples come back as lists)."""
-  path = _path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: is {workdir!r} the workdir of a training run?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -230,7 +220,7 @@ class Embedder:
   def load(cls, workdir: str, step: int | None = None, *, batch_size: int | None = None,
            num_threads: int = 4) -> Embedder:
     """The model of the training run in `workdir` at checkpoint `step` (default: the latest)."""
-    config = load_config(workdir)
+    config = train.load_run_config(workdir)
     model, pretrained = build_model(config.model)
     params, step = restore_params(workdir, step)
     expected = jax.eval_shape(lambda: init_params(model, jax.random.key(0), pretrained))

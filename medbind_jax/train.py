@@ -37,6 +37,7 @@ from medbind_jax.model import MedBind, build_model, init_params
 log = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
+CONFIG_FILE = "config.json"  # the run's config, saved in its workdir
 
 
 @flax.struct.dataclass
@@ -114,6 +115,15 @@ def build_text_table(model: MedBind, text_params, texts: list[str], tokenize: te
   return table
 
 
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config `train_and_evaluate` saved in `workdir` (JSON: tuples come back as lists)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: is {workdir!r} the workdir of a training run?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
 def initial_params(config, model: MedBind, pretrained) -> dict:
   """The parameters a run of `config` starts from: pretrained towers as loaded, the rest drawn from the second
   key of `key(config.seed)` split in two (the first drives dropout). Evaluation and inference rebuild a frozen
@@ -186,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:  # what `--mode=eval` and `medbind_jax.inference` rebuild the model from
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   writer = metric_writer.MetricWriter(workdir)
   rng = jax.random.key(config.seed)
@@ -406,10 +416,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   evaluation settings (`config.eval`) from `config`, so a finished run can be re-evaluated with other evaluators or
   another protocol.
   """
-  saved = os.path.join(workdir, "config.json")
-  if os.path.exists(saved):
-    with open(saved) as f:
-      run_config = ml_collections.ConfigDict(json.load(f))
+  if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    run_config = load_run_config(workdir)
     run_config.eval = ml_collections.ConfigDict(config.eval.to_dict())
   else:
     log.warning("%s has no config.json: rebuilding the model from --config as given", workdir)
