@@ -26,7 +26,7 @@ import wfdb
 
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from data_prep import common, ptbxl  # pylint: disable=wrong-import-position
+from data_prep import cli, ptbxl  # pylint: disable=wrong-import-position
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "real"
 PTBXL_LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
@@ -75,7 +75,7 @@ def main() -> None:
     for workers in (int(w) for w in args.workers.split(",")):
       out = pathlib.Path(tmp) / f"out{workers}"
       with contextlib.redirect_stdout(io.StringIO()):  # the converter's own summary
-        summary = ptbxl.convert(str(src), str(out), common.Options(workers=workers, progress=False))
+        summary = ptbxl.convert(str(src), str(out), cli.Options(workers=workers, progress=False))
       assert summary.num_written == args.records and not summary.errors
       print(f"workers={workers}: {summary.num_written / summary.seconds:7.1f} records/s "
             f"({summary.seconds:.2f} s wall, incl. worker start-up)", flush=True)

@@ -33,12 +33,11 @@ import os
 import sys
 from typing import Sequence
 
-from data_prep import common
-from data_prep.common import RecordError
+from data_prep import cli, cxr_io, runner, tables
 from medbind_jax.data import schema
 
 CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
-SPEC = common.DatasetSpec(
+SPEC = runner.DatasetSpec(
     name="chexpert5x200", version="1",
     source="CheXpert v1.0 (Stanford ML Group); 5x200 selection as in GLoRIA (Huang et al., ICCV 2021)",
     licence="Stanford University School of Medicine CheXpert Dataset Research Use Agreement (no redistribution)",
@@ -48,7 +47,7 @@ SPEC = common.DatasetSpec(
              "ICCV 2021",
     description="200 frontal chest X-rays for each of five findings, each positive for exactly that one of the "
                 "five; text = class name.",
-    cxr_label_names=CLASSES)
+    label_names={"cxr": CLASSES})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +80,7 @@ def eligible_class(row: dict[str, str], frontal_only: bool) -> int | None:
 
 def plan(src: str, *, csv_name: str = "train.csv", per_class: int = 200, seed: int = 0, frontal_only: bool = True):
   """(tasks, per-class eligible and selected counts)."""
-  rows = common.read_csv(common.find_file(src, csv_name), ["Path", "Frontal/Lateral", *CLASSES])
+  rows = tables.read_csv(tables.find_file(src, csv_name), ["Path", "Frontal/Lateral", *CLASSES])
   by_class: dict[int, list[str]] = {i: [] for i in range(len(CLASSES))}
   for row in rows:
     try:
@@ -102,34 +101,34 @@ def plan(src: str, *, csv_name: str = "train.csv", per_class: int = 200, seed: i
   return tasks, counts
 
 
-def convert_record(task: ChexpertTask, options: common.Options) -> schema.Encounter:
-  image = common.prepare_image(common.read_bytes(task.image_path, "image"), options.image_size, task.image_path)
+def convert_record(task: ChexpertTask, options: cli.Options) -> schema.Encounter:
+  image = cxr_io.prepare_image(tables.read_bytes(task.image_path, "image"), options.image_size, task.image_path)
   labels = tuple(float(i == task.class_index) for i in range(len(CLASSES)))
   return schema.Encounter(encounter_id=task.record_id, patient_id=task.patient_id, split=task.split,
-                          dataset=SPEC.name, cxr_image=image, cxr_report=CLASSES[task.class_index],
-                          cxr_labels=labels, cxr_study_id=task.record_id)
+                          dataset=SPEC.name, parts={"cxr": schema.Part(data=image, report=CLASSES[task.class_index],
+                                                                       labels=labels, study_id=task.record_id)})
 
 
-def convert(src: str, out: str, options: common.Options, *, csv_name: str = "train.csv", per_class: int = 200,
-            seed: int = 0, frontal_only: bool = True) -> common.Summary:
+def convert(src: str, out: str, options: cli.Options, *, csv_name: str = "train.csv", per_class: int = 200,
+            seed: int = 0, frontal_only: bool = True) -> runner.Summary:
   tasks, counts = plan(src, csv_name=csv_name, per_class=per_class, seed=seed, frontal_only=frontal_only)
   if not tasks:
     raise ValueError(f"no eligible images in {csv_name} under {src}")
   params = {"csv": csv_name, "per_class": per_class, "seed": seed, "frontal_only": frontal_only}
-  return common.run_conversion(SPEC, tasks, convert_record, out, options, params=params,
+  return runner.run_conversion(SPEC, tasks, convert_record, out, options, params=params,
                                extra_info={"selection": counts})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  common.add_common_args(parser, cxr=True, src_help="CheXpert release folder (with train.csv and train/)")
+  cli.add_common_args(parser, cxr=True, src_help="CheXpert release folder (with train.csv and train/)")
   parser.add_argument("--csv", default="train.csv", help="label table to select from (default train.csv)")
   parser.add_argument("--per-class", type=int, default=200)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--all-views", action="store_true", help="lateral images are eligible too")
   args = parser.parse_args(argv)
-  common.setup_logging()
-  return convert(args.src, args.out, common.options_from_args(args), csv_name=args.csv, per_class=args.per_class,
+  cli.setup_logging()
+  return convert(args.src, args.out, cli.options_from_args(args), csv_name=args.csv, per_class=args.per_class,
                  seed=args.seed, frontal_only=not args.all_views).exit_code
 
 

@@ -20,7 +20,7 @@ One ECG-only record per REFERENCE row:
                label-number order, each ending in '.', joined by spaces ("Atrial fibrillation. Right bundle branch
                block.")
   signal       longer records keep their first --num-samples (10 s at 500 Hz by default)
-  split        CPSC2018's labelled data has no official test split: `common.hash_split(Recording,
+  split        CPSC2018's labelled data has no official test split: `tables.hash_split(Recording,
                --split-fractions, salt 'cpsc2018')`, per recording (the release has no patient ids)
   ids          encounter_id = study_id = patient_id = Recording
 """
@@ -35,8 +35,8 @@ from typing import Sequence
 
 import numpy as np
 
-from data_prep import common
-from data_prep.common import RecordError
+from data_prep import cli, ecg_io, runner, tables
+from data_prep.errors import RecordError
 from medbind_jax.data import schema
 
 # Label number -> (short name, text); the numbering of REFERENCE.csv.
@@ -58,7 +58,7 @@ ORIGINAL_RATE = 500.0
 MAT_UNITS_TO_MV = {"mV": 1.0, "uV": 1e-3}
 SPLIT_SALT = "cpsc2018"
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
-SPEC = common.DatasetSpec(
+SPEC = runner.DatasetSpec(
     name="cpsc2018", version="1",
     source="The China Physiological Signal Challenge 2018 (ICBEB 2018) training set, WFDB version of the "
            "PhysioNet/CinC Challenge 2020",
@@ -69,7 +69,7 @@ SPEC = common.DatasetSpec(
              "Cardiology Challenge 2020. Physiol Meas 41 (2020)",
     description="12-lead ECGs with up to three of 9 rhythm/morphology classes; the text is made from the class "
                 "names.",
-    ecg_label_names=tuple(short for short, _ in CLASSES.values()))
+    label_names={"ecg": tuple(short for short, _ in CLASSES.values())})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,7 @@ def find_records(src: str) -> dict[str, tuple[str, str]]:
   return found
 
 
-def read_original_mat(record_path: str, units: str = "mV") -> common.EcgSignal:
+def read_original_mat(record_path: str, units: str = "mV") -> ecg_io.EcgSignal:
   """A record of the original release (`record_path`.mat: struct ECG with data [12, samples]) in millivolts."""
   from scipy import io as scipy_io  # pylint: disable=import-outside-toplevel
 
@@ -116,19 +116,19 @@ def read_original_mat(record_path: str, units: str = "mV") -> common.EcgSignal:
   if data.ndim != 2 or data.shape[0] != len(ORIGINAL_LEADS):
     raise RecordError("missing leads", f"{path}: ECG.data has shape {data.shape}, expected "
                       f"({len(ORIGINAL_LEADS)}, samples) in the order {list(ORIGINAL_LEADS)}")
-  return common.EcgSignal(data.T * MAT_UNITS_TO_MV[units], list(ORIGINAL_LEADS), ORIGINAL_RATE)
+  return ecg_io.EcgSignal(data.T * MAT_UNITS_TO_MV[units], list(ORIGINAL_LEADS), ORIGINAL_RATE)
 
 
 def plan(src: str, fractions: Sequence[float] = DEFAULT_FRACTIONS, mat_units: str = "mV"
          ) -> tuple[list[CpscTask], list[tuple[str, str, RecordError]]]:
-  rows = common.read_csv(common.find_file(src, "REFERENCE.csv"), ["Recording", *LABEL_COLUMNS[:1]])
+  rows = tables.read_csv(tables.find_file(src, "REFERENCE.csv"), ["Recording", *LABEL_COLUMNS[:1]])
   if not rows:
     raise ValueError(f"REFERENCE.csv under {src} has no rows")
   found = find_records(src)
   tasks, errors = [], []
   for row in rows:
     record_id = row["Recording"].strip()
-    split = common.hash_split(record_id, fractions, SPLIT_SALT)
+    split = tables.hash_split(record_id, fractions, SPLIT_SALT)
     try:
       classes = tuple(sorted({int(float(row[c])) for c in LABEL_COLUMNS if row.get(c, "").strip()}))
       if not classes or any(c not in CLASSES for c in classes):
@@ -141,26 +141,26 @@ def plan(src: str, fractions: Sequence[float] = DEFAULT_FRACTIONS, mat_units: st
   return tasks, errors
 
 
-def convert_record(task: CpscTask, options: common.Options) -> schema.Encounter:
+def convert_record(task: CpscTask, options: cli.Options) -> schema.Encounter:
   if not task.record_path:
     raise RecordError("missing file", f"no {task.record_id}.hea or {task.record_id}.mat under --src")
   if task.record_format == "mat":
-    ecg = common.prepare_ecg(read_original_mat(task.record_path, task.mat_units), options)
+    ecg = ecg_io.prepare_ecg(read_original_mat(task.record_path, task.mat_units), options)
   else:
-    ecg = common.wfdb_ecg(task.record_path, options)
+    ecg = ecg_io.wfdb_ecg(task.record_path, options)
   return schema.Encounter(
       encounter_id=task.record_id, patient_id=task.record_id, split=task.split, dataset=SPEC.name,
-      ecg_report=class_text(task.classes), ecg_labels=tuple(float(c in task.classes) for c in CLASSES),
-      ecg_study_id=task.record_id, **ecg.fields())
+      parts={"ecg": schema.Part(data=ecg, report=class_text(task.classes),
+                                labels=tuple(float(c in task.classes) for c in CLASSES), study_id=task.record_id)})
 
 
-def convert(src: str, out: str, options: common.Options, *, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-            mat_units: str = "mV") -> common.Summary:
+def convert(src: str, out: str, options: cli.Options, *, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+            mat_units: str = "mV") -> runner.Summary:
   if mat_units not in MAT_UNITS_TO_MV:
     raise ValueError(f"mat_units must be one of {sorted(MAT_UNITS_TO_MV)}, got {mat_units!r}")
   tasks, errors = plan(src, fractions, mat_units)
   formats = sorted({t.record_format for t in tasks if t.record_format})
-  return common.run_conversion(SPEC, tasks, convert_record, out, options,
+  return runner.run_conversion(SPEC, tasks, convert_record, out, options,
                                params={"split_fractions": list(fractions), "split_salt": SPLIT_SALT,
                                        "mat_units": mat_units},
                                plan_errors=errors, extra_info={"record_formats": formats})
@@ -168,14 +168,14 @@ def convert(src: str, out: str, options: common.Options, *, fractions: Sequence[
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  common.add_common_args(parser, ecg=True, src_help="folder with REFERENCE.csv and the records (WFDB or original .mat) below it")
-  parser.add_argument("--split-fractions", type=common.parse_fractions, default=DEFAULT_FRACTIONS,
+  cli.add_common_args(parser, ecg=True, src_help="folder with REFERENCE.csv and the records (WFDB or original .mat) below it")
+  parser.add_argument("--split-fractions", type=cli.parse_fractions, default=DEFAULT_FRACTIONS,
                       help="train,val,test shares of recordings (default 0.7,0.1,0.2)")
   parser.add_argument("--mat-units", choices=sorted(MAT_UNITS_TO_MV), default="mV",
                       help="unit of ECG.data in original-release .mat files (records without a .hea)")
   args = parser.parse_args(argv)
-  common.setup_logging()
-  return convert(args.src, args.out, common.options_from_args(args), fractions=args.split_fractions,
+  cli.setup_logging()
+  return convert(args.src, args.out, cli.options_from_args(args), fractions=args.split_fractions,
                  mat_units=args.mat_units).exit_code
 
 

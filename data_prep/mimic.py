@@ -21,7 +21,7 @@ the half) and left out whole.
 Splits are by subject, so a linked pair always lands in one split: a subject with any MIMIC-CXR image takes
 MIMIC-CXR's official split (which is by subject; should its images disagree, test > val > train), so CXR
 evaluations stay comparable with published MIMIC-CXR numbers; a subject with ECGs only takes
-`common.hash_split(subject_id, --split-fractions, 'mimic')`, as in data_prep/mimic_ecg.py. Hence an ECG may sit in
+`tables.hash_split(subject_id, --split-fractions, 'mimic')`, as in data_prep/mimic_ecg.py. Hence an ECG may sit in
 another split here than in a stand-alone mimic_ecg conversion. dataset_info.json reports the linking counts.
 """
 
@@ -32,18 +32,18 @@ import dataclasses
 import sys
 from typing import Sequence
 
-from data_prep import common, linking, mimic_cxr, mimic_ecg
-from data_prep.common import RecordError
+from data_prep import cli, linking, mimic_cxr, mimic_ecg, runner, tables
+from data_prep.errors import RecordError
 from medbind_jax.data import schema
 
-SPEC = common.DatasetSpec(
+SPEC = runner.DatasetSpec(
     name="mimic", version="1",
     source=f"{mimic_cxr.SPEC.source}; {mimic_ecg.SPEC.source}; optionally MIMIC-IV hosp/admissions",
     licence=mimic_cxr.SPEC.licence,
     citation=f"{mimic_cxr.SPEC.citation}; {mimic_ecg.SPEC.citation}",
     description="MIMIC chest X-rays (FINDINGS + IMPRESSION, CheXpert labels) and MIMIC-IV ECGs (machine "
                 "statements); CXR-ECG pairs of one encounter are single linked records.",
-    cxr_label_names=mimic_cxr.CHEXPERT_LABELS)
+    label_names={**mimic_cxr.SPEC.label_names, **mimic_ecg.SPEC.label_names})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +56,9 @@ class MimicTask:
 
 
 def read_admissions(path: str) -> list[linking.Admission]:
-  rows = common.read_csv(path, ["subject_id", "hadm_id", "admittime", "dischtime"])
-  return [linking.Admission(r["subject_id"].strip(), r["hadm_id"].strip(), common.epoch_seconds(r["admittime"]),
-                            common.epoch_seconds(r["dischtime"])) for r in rows]
+  rows = tables.read_csv(path, ["subject_id", "hadm_id", "admittime", "dischtime"])
+  return [linking.Admission(r["subject_id"].strip(), r["hadm_id"].strip(), tables.epoch_seconds(r["admittime"]),
+                            tables.epoch_seconds(r["dischtime"])) for r in rows]
 
 
 def plan(src: str, ecg_src: str, *, reports: str | None = None, admissions: str | None = None,
@@ -70,7 +70,7 @@ def plan(src: str, ecg_src: str, *, reports: str | None = None, admissions: str 
   official = mimic_cxr.subject_splits(src)
 
   def split_of(subject: str) -> str:
-    return official.get(subject) or common.hash_split(subject, fractions, mimic_ecg.SPLIT_SALT)
+    return official.get(subject) or tables.hash_split(subject, fractions, mimic_ecg.SPLIT_SALT)
 
   cxr_events = [linking.Event(t.record_id, t.subject_id, t.time) for t in cxr_tasks]
   ecg_events = [linking.Event(t.record_id, t.subject_id, t.time) for t in ecg_tasks]
@@ -100,38 +100,37 @@ def plan(src: str, ecg_src: str, *, reports: str | None = None, admissions: str 
   return tasks, errors, extra
 
 
-def convert_record(task: MimicTask, options: common.Options) -> schema.Encounter:
-  fields, extras = {}, {}
-  for half, study, build in (("CXR", task.cxr, mimic_cxr.cxr_fields), ("ECG", task.ecg, mimic_ecg.ecg_fields)):
+def convert_record(task: MimicTask, options: cli.Options) -> schema.Encounter:
+  parts, extras = {}, {}
+  for modality, study, build in (("cxr", task.cxr, mimic_cxr.cxr_part), ("ecg", task.ecg, mimic_ecg.ecg_part)):
     if study is None:
       continue
     try:
-      fields.update(build(study, options))
+      parts[modality] = build(study, options)
     except RecordError as err:
-      raise RecordError(err.kind, f"{half} {study.record_id}: {err.detail}") from err
+      raise RecordError(err.kind, f"{modality.upper()} {study.record_id}: {err.detail}") from err
   if task.cxr is not None:
     extras["cxr_label_mentioned"] = task.cxr.mentioned
   return schema.Encounter(encounter_id=task.record_id, patient_id=task.subject_id, split=task.split,
-                          dataset=SPEC.name, linked=task.cxr is not None and task.ecg is not None, extras=extras,
-                          **fields)
+                          dataset=SPEC.name, linked=len(parts) == 2, parts=parts, extras=extras)
 
 
-def convert(src: str, ecg_src: str, out: str, options: common.Options, *, reports: str | None = None,
+def convert(src: str, ecg_src: str, out: str, options: cli.Options, *, reports: str | None = None,
             admissions: str | None = None, window_hours: float = linking.DEFAULT_WINDOW_HOURS,
             views: Sequence[str] = mimic_cxr.DEFAULT_VIEWS,
-            fractions: Sequence[float] = mimic_ecg.DEFAULT_FRACTIONS) -> common.Summary:
+            fractions: Sequence[float] = mimic_ecg.DEFAULT_FRACTIONS) -> runner.Summary:
   tasks, errors, extra = plan(src, ecg_src, reports=reports, admissions=admissions, window_hours=window_hours,
                               views=views, fractions=fractions)
   print(f"linking: {extra['linking']}", flush=True)
   params = {"views": list(views), "window_hours": window_hours, "admissions": bool(admissions),
             "split_fractions": list(fractions), "split_salt": mimic_ecg.SPLIT_SALT}
-  return common.run_conversion(SPEC, tasks, convert_record, out, options, params=params, plan_errors=errors,
+  return runner.run_conversion(SPEC, tasks, convert_record, out, options, params=params, plan_errors=errors,
                                extra_info=extra)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  common.add_common_args(parser, ecg=True, cxr=True, src_help="MIMIC-CXR-JPG 2.0.0 root (tables and files/)")
+  cli.add_common_args(parser, ecg=True, cxr=True, src_help="MIMIC-CXR-JPG 2.0.0 root (tables and files/)")
   parser.add_argument("--ecg-src", required=True, help="MIMIC-IV-ECG 1.0 root (record_list.csv, files/)")
   parser.add_argument("--reports", default=None, help="root of files/pXX/pSUBJECT/sSTUDY.txt; default --src")
   parser.add_argument("--admissions", default=None, help="MIMIC-IV hosp/admissions.csv(.gz), optional")
@@ -139,11 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="link a CXR and an ECG of one subject taken at most this far apart (inclusive)")
   parser.add_argument("--views", type=mimic_cxr.parse_views, default=mimic_cxr.DEFAULT_VIEWS,
                       help="ViewPosition values to keep, in order of preference (default PA,AP); 'all' keeps all")
-  parser.add_argument("--split-fractions", type=common.parse_fractions, default=mimic_ecg.DEFAULT_FRACTIONS,
+  parser.add_argument("--split-fractions", type=cli.parse_fractions, default=mimic_ecg.DEFAULT_FRACTIONS,
                       help="train,val,test shares for subjects without a MIMIC-CXR image")
   args = parser.parse_args(argv)
-  common.setup_logging()
-  return convert(args.src, args.ecg_src, args.out, common.options_from_args(args), reports=args.reports,
+  cli.setup_logging()
+  return convert(args.src, args.ecg_src, args.out, cli.options_from_args(args), reports=args.reports,
                  admissions=args.admissions, window_hours=args.window_hours, views=args.views,
                  fractions=args.split_fractions).exit_code
 

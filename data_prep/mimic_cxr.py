@@ -16,7 +16,7 @@ Expected source layout (the PhysioNet releases, unchanged; the tables gzipped as
 One CXR-only record per study (the study is what a report describes):
   cxr/image    one image of the study: views filtered by --views (ViewPosition, default PA,AP: frontal), the
                first view in --views order present, then the smallest dicom_id; downscaled per --image-size
-  cxr/report   FINDINGS then IMPRESSION of the report (`common.findings_impression` / `cxr_report_text`:
+  cxr/report   FINDINGS then IMPRESSION of the report (`report_text.findings_impression` / `cxr_report_text`:
                whitespace collapsed, one space between); a study with neither is an "empty report" error
   cxr/labels   the 14 CheXpert labels in `CHEXPERT_LABELS` order: 1.0 -> 1, 0.0 -> 0, -1.0 -> -1, and blank (not
                mentioned) -> -1 as the schema's "unknown"; extra/cxr_label_mentioned is 1 where the source cell
@@ -34,8 +34,8 @@ import os
 import sys
 from typing import Sequence
 
-from data_prep import common
-from data_prep.common import RecordError
+from data_prep import cli, cxr_io, report_text, runner, tables
+from data_prep.errors import RecordError
 from medbind_jax.data import schema
 
 CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
@@ -43,7 +43,7 @@ CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "
                    "Pleural Other", "Fracture", "Support Devices")
 OFFICIAL_SPLITS = {"train": "train", "validate": "val", "test": "test"}
 DEFAULT_VIEWS = ("PA", "AP")
-SPEC = common.DatasetSpec(
+SPEC = runner.DatasetSpec(
     name="mimic_cxr", version="1",
     source="MIMIC-CXR-JPG v2.0.0 (images, metadata, split, CheXpert labels) and MIMIC-CXR v2.0.0 (reports), "
            "PhysioNet (credentialed access)",
@@ -54,7 +54,7 @@ SPEC = common.DatasetSpec(
              "Sci Data 6, 317 (2019); PhysioNet (Goldberger et al. 2000)",
     description="One frontal chest X-ray per study with the FINDINGS and IMPRESSION of its report and the "
                 "study's CheXpert labels.",
-    cxr_label_names=CHEXPERT_LABELS)
+    label_names={"cxr": CHEXPERT_LABELS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,7 @@ def subject_dir(root: str, subject_id: str) -> str:
 def study_time(study_date: str, study_time: str) -> float:
   """StudyDate (YYYYMMDD) + StudyTime (HHMMSS with optional fraction, leading zeros possibly dropped) -> epoch
   seconds (UTC); NaN when unparseable."""
-  day = common.epoch_seconds(study_date.strip().split(".")[0], "%Y%m%d")
+  day = tables.epoch_seconds(study_date.strip().split(".")[0], "%Y%m%d")
   try:
     hhmmss = float(study_time)
   except ValueError:
@@ -105,7 +105,7 @@ def subject_splits(src: str) -> dict[str, str]:
   disagree, the most held-out split wins (test > val > train) so that no test subject leaks into training."""
   rank = {"train": 0, "val": 1, "test": 2}
   splits: dict[str, str] = {}
-  for row in common.read_csv(common.find_file(src, "mimic-cxr-2.0.0-split.csv.gz"), ["subject_id", "split"]):
+  for row in tables.read_csv(tables.find_file(src, "mimic-cxr-2.0.0-split.csv.gz"), ["subject_id", "split"]):
     split = OFFICIAL_SPLITS.get(row["split"].strip())
     if split is None:
       continue
@@ -121,13 +121,13 @@ def plan_studies(src: str, reports: str | None = None, views: Sequence[str] = DE
   reports = reports or src
   views = tuple(v.upper() for v in views)
   image_split = {row["dicom_id"]: OFFICIAL_SPLITS.get(row["split"].strip(), "")
-                 for row in common.read_csv(common.find_file(src, "mimic-cxr-2.0.0-split.csv.gz"),
+                 for row in tables.read_csv(tables.find_file(src, "mimic-cxr-2.0.0-split.csv.gz"),
                                             ["dicom_id", "split"])}
   labels_by_study = {}
-  for row in common.read_csv(common.find_file(src, "mimic-cxr-2.0.0-chexpert.csv.gz"),
+  for row in tables.read_csv(tables.find_file(src, "mimic-cxr-2.0.0-chexpert.csv.gz"),
                              ["study_id", *CHEXPERT_LABELS]):
     labels_by_study[row["study_id"]] = row
-  metadata = common.read_csv(common.find_file(src, "mimic-cxr-2.0.0-metadata.csv.gz"),
+  metadata = tables.read_csv(tables.find_file(src, "mimic-cxr-2.0.0-metadata.csv.gz"),
                              ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime"])
   if not metadata:
     raise ValueError(f"no images listed in the metadata table under {src}")
@@ -167,25 +167,24 @@ def plan_studies(src: str, reports: str | None = None, views: Sequence[str] = DE
   return tasks, errors, excluded
 
 
-def cxr_fields(task: CxrStudy, options: common.Options) -> dict:
-  """Encounter keyword arguments of the CXR half of a record (also used by data_prep/mimic.py)."""
-  report = common.read_bytes(task.report_path, "report").decode("utf-8", errors="replace")
-  text = common.cxr_report_text(*common.findings_impression(report))
-  image = common.prepare_image(common.read_bytes(task.image_path, "image"), options.image_size, task.image_path)
-  return {"cxr_image": image, "cxr_report": text, "cxr_labels": task.labels, "cxr_study_id": task.record_id,
-          "cxr_time": task.time}
+def cxr_part(task: CxrStudy, options: cli.Options) -> schema.Part:
+  """The "cxr" part of a record (also used by data_prep/mimic.py)."""
+  report = tables.read_bytes(task.report_path, "report").decode("utf-8", errors="replace")
+  text = report_text.cxr_report_text(*report_text.findings_impression(report))
+  image = cxr_io.prepare_image(tables.read_bytes(task.image_path, "image"), options.image_size, task.image_path)
+  return schema.Part(data=image, report=text, labels=task.labels, study_id=task.record_id, time=task.time)
 
 
-def convert_record(task: CxrStudy, options: common.Options) -> schema.Encounter:
+def convert_record(task: CxrStudy, options: cli.Options) -> schema.Encounter:
   return schema.Encounter(encounter_id=task.record_id, patient_id=task.subject_id, split=task.split,
-                          dataset=SPEC.name, extras={"cxr_label_mentioned": task.mentioned},
-                          **cxr_fields(task, options))
+                          dataset=SPEC.name, parts={"cxr": cxr_part(task, options)},
+                          extras={"cxr_label_mentioned": task.mentioned})
 
 
-def convert(src: str, out: str, options: common.Options, *, reports: str | None = None,
-            views: Sequence[str] = DEFAULT_VIEWS) -> common.Summary:
+def convert(src: str, out: str, options: cli.Options, *, reports: str | None = None,
+            views: Sequence[str] = DEFAULT_VIEWS) -> runner.Summary:
   tasks, errors, excluded = plan_studies(src, reports, views)
-  return common.run_conversion(SPEC, tasks, convert_record, out, options, params={"views": list(views)},
+  return runner.run_conversion(SPEC, tasks, convert_record, out, options, params={"views": list(views)},
                                plan_errors=errors, extra_info={"excluded_images": excluded})
 
 
@@ -196,14 +195,14 @@ def parse_views(text: str) -> tuple[str, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  common.add_common_args(parser, cxr=True, src_help="MIMIC-CXR-JPG 2.0.0 root (tables and files/)")
+  cli.add_common_args(parser, cxr=True, src_help="MIMIC-CXR-JPG 2.0.0 root (tables and files/)")
   parser.add_argument("--reports", default=None,
                       help="root holding files/pXX/pSUBJECT/sSTUDY.txt (MIMIC-CXR reports); default --src")
   parser.add_argument("--views", type=parse_views, default=DEFAULT_VIEWS,
                       help="ViewPosition values to keep, in order of preference (default PA,AP); 'all' keeps all")
   args = parser.parse_args(argv)
-  common.setup_logging()
-  return convert(args.src, args.out, common.options_from_args(args), reports=args.reports,
+  cli.setup_logging()
+  return convert(args.src, args.out, cli.options_from_args(args), reports=args.reports,
                  views=args.views).exit_code
 
 

@@ -18,7 +18,7 @@ One CXR-only record per report:
   cxr/image    csv: the report's first Frontal image by file name (--all-views: first of any view); reports
                without one are excluded and counted. xml: the first parentImage in document order (the XML states
                no view)
-  cxr/report   FINDINGS then IMPRESSION (`common.cxr_report_text`: whitespace collapsed, one space between); both
+  cxr/report   FINDINGS then IMPRESSION (`report_text.cxr_report_text`: whitespace collapsed, one space between); both
                blank is an "empty report" error
   cxr/labels   none (label names are empty)
   split        all records in --split (default test: Open-i is an evaluation set here)
@@ -34,17 +34,18 @@ import sys
 import xml.etree.ElementTree as ElementTree
 from typing import Sequence
 
-from data_prep import common
-from data_prep.common import RecordError
+from data_prep import cli, cxr_io, report_text, runner, tables
+from data_prep.errors import RecordError
 from medbind_jax.data import schema
 
-SPEC = common.DatasetSpec(
+SPEC = runner.DatasetSpec(
     name="openi", version="1",
     source="Indiana University chest X-ray collection via Open-i (National Library of Medicine)",
     licence="CC BY-NC-ND 4.0 (as stated in the Open-i report XML); check the terms of the copy you downloaded",
     citation="Demner-Fushman D, Kohli MD, Rosenman MB, et al. Preparing a collection of radiology examinations for "
              "distribution and retrieval. J Am Med Inform Assoc 23(2), 304-310 (2016)",
-    description="Chest X-rays with the FINDINGS and IMPRESSION of their radiology reports.")
+    description="Chest X-rays with the FINDINGS and IMPRESSION of their radiology reports.",
+    label_names={"cxr": ()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +88,8 @@ def plan_xml(src: str, images: str, split: str) -> tuple[list[OpeniTask], list, 
 
 
 def plan_csv(src: str, images: str, split: str, all_views: bool) -> tuple[list[OpeniTask], list, dict]:
-  reports = common.read_csv(common.find_file(src, "indiana_reports.csv"), ["uid", "findings", "impression"])
-  projections = common.read_csv(common.find_file(src, "indiana_projections.csv"), ["uid", "filename", "projection"])
+  reports = tables.read_csv(tables.find_file(src, "indiana_reports.csv"), ["uid", "findings", "impression"])
+  projections = tables.read_csv(tables.find_file(src, "indiana_projections.csv"), ["uid", "filename", "projection"])
   files: dict[str, list[str]] = {}
   for row in projections:
     if all_views or row["projection"].strip() == "Frontal":
@@ -104,15 +105,16 @@ def plan_csv(src: str, images: str, split: str, all_views: bool) -> tuple[list[O
   return tasks, [], excluded
 
 
-def convert_record(task: OpeniTask, options: common.Options) -> schema.Encounter:
-  text = common.cxr_report_text(task.findings, task.impression)
-  image = common.prepare_image(common.read_bytes(task.image_path, "image"), options.image_size, task.image_path)
+def convert_record(task: OpeniTask, options: cli.Options) -> schema.Encounter:
+  text = report_text.cxr_report_text(task.findings, task.impression)
+  image = cxr_io.prepare_image(tables.read_bytes(task.image_path, "image"), options.image_size, task.image_path)
   return schema.Encounter(encounter_id=task.record_id, patient_id=task.record_id, split=task.split,
-                          dataset=SPEC.name, cxr_image=image, cxr_report=text, cxr_study_id=task.record_id)
+                          dataset=SPEC.name, parts={"cxr": schema.Part(data=image, report=text,
+                                                                       study_id=task.record_id)})
 
 
-def convert(src: str, out: str, options: common.Options, *, source_format: str = "auto",
-            images: str | None = None, all_views: bool = False, split: str = "test") -> common.Summary:
+def convert(src: str, out: str, options: cli.Options, *, source_format: str = "auto",
+            images: str | None = None, all_views: bool = False, split: str = "test") -> runner.Summary:
   if source_format == "auto":
     source_format = "xml" if os.path.isdir(os.path.join(src, "ecgen-radiology")) else "csv"
   if source_format == "xml":
@@ -123,20 +125,20 @@ def convert(src: str, out: str, options: common.Options, *, source_format: str =
   if not tasks and not errors:
     raise ValueError(f"no reports with images found under {src} ({source_format} layout)")
   params = {"format": source_format, "all_views": all_views, "split": split}
-  return common.run_conversion(SPEC, tasks, convert_record, out, options, params=params, plan_errors=errors,
+  return runner.run_conversion(SPEC, tasks, convert_record, out, options, params=params, plan_errors=errors,
                                extra_info={"excluded_reports": excluded})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  common.add_common_args(parser, cxr=True, src_help="Open-i / IU X-ray root (xml or csv layout)")
+  cli.add_common_args(parser, cxr=True, src_help="Open-i / IU X-ray root (xml or csv layout)")
   parser.add_argument("--format", choices=("auto", "xml", "csv"), default="auto")
   parser.add_argument("--images", default=None, help="image folder (default by layout, see above)")
   parser.add_argument("--all-views", action="store_true", help="csv layout: lateral images may be chosen too")
   parser.add_argument("--split", choices=schema.SPLITS, default="test")
   args = parser.parse_args(argv)
-  common.setup_logging()
-  return convert(args.src, args.out, common.options_from_args(args), source_format=args.format,
+  cli.setup_logging()
+  return convert(args.src, args.out, cli.options_from_args(args), source_format=args.format,
                  images=args.images, all_views=args.all_views, split=args.split).exit_code
 
 

@@ -30,11 +30,12 @@ import os
 import sys
 from typing import Sequence
 
-from data_prep import common
-from data_prep.common import RecordError
+from data_prep import cli, ecg_io, runner, tables
+from data_prep.errors import RecordError
 from medbind_jax.data import schema
 
-SPEC = common.DatasetSpec(
+SUPERCLASSES = ("NORM", "MI", "STTC", "CD", "HYP")
+SPEC = runner.DatasetSpec(
     name="ptbxl", version="1",
     source="PTB-XL, a large publicly available electrocardiography dataset (PhysioNet, v1.0.3)",
     licence="CC BY 4.0",
@@ -42,7 +43,7 @@ SPEC = common.DatasetSpec(
              "electrocardiography dataset. Sci Data 7, 154 (2020); PhysioNet doi:10.13026/kfzx-aw45",
     description="12-lead 10 s ECGs with cardiologist free-text reports; labels are the SCP diagnostic "
                 "superclasses.",
-    ecg_label_names=("NORM", "MI", "STTC", "CD", "HYP"))
+    label_names={"ecg": SUPERCLASSES})
 FOLD_SPLITS = {**{fold: "train" for fold in range(1, 9)}, 9: "val", 10: "test"}
 
 
@@ -59,7 +60,7 @@ class PtbxlTask:
 
 def superclass_map(scp_statements_path: str) -> dict[str, str]:
   """SCP code -> diagnostic superclass, for the diagnostic statements of scp_statements.csv."""
-  rows = common.read_csv(scp_statements_path, ["diagnostic", "diagnostic_class"])
+  rows = tables.read_csv(scp_statements_path, ["diagnostic", "diagnostic_class"])
   code_column = next(iter(rows[0])) if rows else ""
   mapping = {}
   for row in rows:
@@ -71,10 +72,10 @@ def superclass_map(scp_statements_path: str) -> dict[str, str]:
 def plan(src: str, *, records: str = "hr", min_likelihood: float = 0.0
          ) -> tuple[list[PtbxlTask], list[tuple[str, str, RecordError]]]:
   """Tasks (one per row of ptbxl_database.csv) and the rows rejected while reading the table."""
-  database = common.find_file(src, "ptbxl_database.csv")
-  codes_to_class = superclass_map(common.find_file(src, "scp_statements.csv"))
+  database = tables.find_file(src, "ptbxl_database.csv")
+  codes_to_class = superclass_map(tables.find_file(src, "scp_statements.csv"))
   file_column = f"filename_{records}"
-  rows = common.read_csv(database, ["ecg_id", "patient_id", "report", "scp_codes", "strat_fold", file_column])
+  rows = tables.read_csv(database, ["ecg_id", "patient_id", "report", "scp_codes", "strat_fold", file_column])
   if not rows:
     raise ValueError(f"{database} has no rows")
   tasks, errors = [], []
@@ -105,38 +106,38 @@ def plan(src: str, *, records: str = "hr", min_likelihood: float = 0.0
         record_id=record_id, split=split,
         patient_id=str(int(float(patient))) if patient else f"ecg{record_id}",
         record_path=os.path.join(src, row[file_column].strip()), report=row["report"],
-        labels=tuple(float(name in classes) for name in SPEC.ecg_label_names),
-        time=common.epoch_seconds(row.get("recording_date", ""))))
+        labels=tuple(float(name in classes) for name in SUPERCLASSES),
+        time=tables.epoch_seconds(row.get("recording_date", ""))))
   return tasks, errors
 
 
-def convert_record(task: PtbxlTask, options: common.Options) -> schema.Encounter:
+def convert_record(task: PtbxlTask, options: cli.Options) -> schema.Encounter:
   if not task.report.strip():
     raise RecordError("empty report", "blank `report` column")
-  ecg = common.wfdb_ecg(task.record_path, options)
+  ecg = ecg_io.wfdb_ecg(task.record_path, options)
   return schema.Encounter(
       encounter_id=task.record_id, patient_id=task.patient_id, split=task.split, dataset=SPEC.name,
-      ecg_report=task.report, ecg_labels=task.labels, ecg_study_id=task.record_id, ecg_time=task.time,
-      **ecg.fields())
+      parts={"ecg": schema.Part(data=ecg, report=task.report, labels=task.labels, study_id=task.record_id,
+                                time=task.time)})
 
 
-def convert(src: str, out: str, options: common.Options, *, records: str = "hr",
-            min_likelihood: float = 0.0) -> common.Summary:
+def convert(src: str, out: str, options: cli.Options, *, records: str = "hr",
+            min_likelihood: float = 0.0) -> runner.Summary:
   tasks, errors = plan(src, records=records, min_likelihood=min_likelihood)
-  return common.run_conversion(SPEC, tasks, convert_record, out, options,
+  return runner.run_conversion(SPEC, tasks, convert_record, out, options,
                                params={"records": records, "min_likelihood": min_likelihood}, plan_errors=errors)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  common.add_common_args(parser, ecg=True)
+  cli.add_common_args(parser, ecg=True)
   parser.add_argument("--records", choices=("hr", "lr"), default="hr",
                       help="records500 (hr, 500 Hz) or records100 (lr, 100 Hz)")
   parser.add_argument("--min-likelihood", type=float, default=0.0,
                       help="SCP codes below this likelihood do not count toward a superclass")
   args = parser.parse_args(argv)
-  common.setup_logging()
-  return convert(args.src, args.out, common.options_from_args(args), records=args.records,
+  cli.setup_logging()
+  return convert(args.src, args.out, cli.options_from_args(args), records=args.records,
                  min_likelihood=args.min_likelihood).exit_code
 
 

@@ -413,34 +413,35 @@ def build_openi_xml(root, uids=OPENI_UIDS) -> dict[str, str]:
 
 
 def read_converted(out) -> dict:
-  """encounter_id -> Encounter of every record of every split, read with `pipeline.index_split` +
-  `ExampleReader` (CRCs and dataset_info counts checked); each record's model inputs are decoded too.
+  """encounter_id -> Encounter of every record of every split, indexed with `pipeline.index_split` (CRCs and
+  dataset_info counts checked) and decoded; each record's model inputs are decoded too (the modality's codec with
+  its default spec, as the training pipeline does).
 
-  Also checks what dataset_info.json must state: the schema version, source, licence and citation, and per-split
-  counts that match the records read."""
-  from medbind_jax.data import pipeline, preprocess, schema  # pylint: disable=import-outside-toplevel
+  Also checks what dataset_info.json must state: the schema version, source, licence and citation, a label-name
+  list per modality, and per-split counts that match the records read."""
+  from medbind_jax.data import codecs, pipeline, schema, tfrecord  # pylint: disable=import-outside-toplevel
   info = schema.read_dataset_info(str(out))
   assert info["schema_version"] == schema.SCHEMA_VERSION
   assert all(info[key].strip() for key in ("name", "source", "licence", "citation"))
-  assert isinstance(info["cxr_label_names"], list) and isinstance(info["ecg_label_names"], list)
+  assert info["modalities"] and all(isinstance(info[f"{m}_label_names"], list) for m in info["modalities"])
+  reader = tfrecord.RecordReader()
   records = {}
   for split in schema.SPLITS:
     index = pipeline.index_split(str(out), split, progress=False)
     counts = info["splits"][split]
     assert counts["num_examples"] == len(index.records)
-    assert counts["num_cxr"] == len(index.pool("cxr")) and counts["num_ecg"] == len(index.pool("ecg"))
-    assert counts["num_linked"] == len(index.pool("linked"))
-    cxr_spec, ecg_spec = preprocess.CxrSpec(), preprocess.EcgSpec()
-    reader = pipeline.ExampleReader(index, cxr_spec, ecg_spec)
-    for i in range(len(index.records)):
-      enc = reader.encounter(i)
-      assert enc.split == split and enc.dataset == info["name"]
-      if enc.has_cxr:
-        assert len(enc.cxr_labels) == len(info["cxr_label_names"])
-        assert reader.cxr(enc, None).shape == (cxr_spec.image_size, cxr_spec.image_size, cxr_spec.channels)
-      if enc.has_ecg:
-        assert len(enc.ecg_labels) == len(info["ecg_label_names"])
-        assert reader.ecg(enc, None).shape == (ecg_spec.num_samples, len(ecg_spec.leads))
+    for modality in ("cxr", "ecg"):  # a modality the dataset does not declare has no count and no records
+      assert counts.get(f"num_{modality}", 0) == len(index.pool(modality))
+    assert counts["num_linked"] == sum(r.linked for r in index.records)
+    for meta in index.records:
+      enc = schema.decode_encounter(reader.read(meta.ref))
+      assert enc.split == split and enc.dataset == info["name"] and enc.encounter_id == meta.encounter_id
+      assert set(enc.parts) <= set(info["modalities"])
+      for modality, part in enc.parts.items():
+        codec = codecs.get(modality)
+        spec = codec.make_spec(None)
+        assert len(part.labels) == len(schema.label_names(info, modality))
+        assert codec.preprocess(part.data, spec, None, enc.encounter_id).shape == codec.example_input(spec).shape
       records[enc.encounter_id] = enc
   return records
 
@@ -464,11 +465,11 @@ def expected_ecg_mv(record_path, rate: float | None = None, num_samples: int | N
 
 def assert_ecg_matches(enc, expected_mv: np.ndarray) -> None:
   """Stored samples / gain equal `expected_mv` within the documented bound 0.5 / gain (+ float32 rounding)."""
-  from medbind_jax.data import preprocess  # pylint: disable=import-outside-toplevel
-  assert tuple(enc.ecg_leads) == CANONICAL_LEADS
-  stored = preprocess.record_ecg_mv(enc)
+  ecg = enc.part("ecg").data
+  assert tuple(ecg.leads) == CANONICAL_LEADS
+  stored = ecg.signal_mv()
   assert stored.shape == expected_mv.shape
-  bound = 0.5 / np.asarray(enc.ecg_gain, np.float64) + 1e-6
+  bound = 0.5 / np.asarray(ecg.gain, np.float64) + 1e-6
   assert np.all(bound < 1e-3)  # below 1 uV for these records
   error = np.abs(stored.astype(np.float64) - expected_mv)
   assert np.all(error <= bound), f"max error {error.max()} mV > bound {bound.min()}"

@@ -7,14 +7,14 @@ import json
 import pytest
 
 import real_layouts as L
-from data_prep import chexpert5x200, common
+from data_prep import chexpert5x200, cli
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
   root, out = tmp_path_factory.mktemp("chexpert_src"), tmp_path_factory.mktemp("chexpert_out")
   release = L.build_chexpert(root)
-  summary = chexpert5x200.convert(release, str(out), common.Options(shard_size=4, workers=1, progress=False),
+  summary = chexpert5x200.convert(release, str(out), cli.Options(shard_size=4, workers=1, progress=False),
                                   per_class=2, seed=0)
   return root, out, summary, L.read_converted(out)
 
@@ -36,7 +36,7 @@ def test_selection_follows_the_documented_rule(converted):
   assert summary.exit_code == 0 and not summary.errors
   expected = _expected_selection(2, 0)
   assert len(expected) == 10
-  assert {k: v.cxr_report for k, v in records.items()} == expected
+  assert {k: v.part("cxr").report for k, v in records.items()} == expected
   assert all(enc.split == "test" for enc in records.values())
   info = json.loads((out / "dataset_info.json").read_text())
   assert info["selection"] == {name: {"eligible": 3, "selected": 2} for name in L.FIVE}
@@ -46,18 +46,18 @@ def test_selection_follows_the_documented_rule(converted):
 def test_labels_one_hot_and_images_verbatim(converted):
   root, _, _, records = converted
   for path, enc in records.items():
-    assert list(enc.cxr_labels) == [float(name == enc.cxr_report) for name in chexpert5x200.CLASSES]
-    assert enc.cxr_image == (root / path).read_bytes()
+    assert list(enc.part("cxr").labels) == [float(name == enc.part("cxr").report) for name in chexpert5x200.CLASSES]
+    assert enc.part("cxr").data == (root / path).read_bytes()
     assert enc.patient_id == path.split("/")[2]
 
 
 def test_another_seed_selects_differently_but_deterministically(converted, tmp_path):
   root, _, _, records = converted
   release = str(root / "CheXpert-v1.0-small")
-  options = common.Options(workers=1, progress=False)
+  options = cli.Options(workers=1, progress=False)
   chexpert5x200.convert(release, str(tmp_path / "a"), options, per_class=2, seed=1)
   chexpert5x200.convert(release, str(tmp_path / "b"), options, per_class=2, seed=1)
   a, b = L.read_converted(tmp_path / "a"), L.read_converted(tmp_path / "b")
-  assert {k: v.cxr_report for k, v in a.items()} == _expected_selection(2, 1) == {k: v.cxr_report
+  assert {k: v.part("cxr").report for k, v in a.items()} == _expected_selection(2, 1) == {k: v.part("cxr").report
                                                                                   for k, v in b.items()}
   assert set(a) != set(records)

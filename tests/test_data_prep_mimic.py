@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import real_layouts as L
-from data_prep import common, mimic, mimic_ecg
+from data_prep import cli, mimic, mimic_ecg, tables
 
-OPTIONS = common.Options(shard_size=2, workers=1, progress=False)
+OPTIONS = cli.Options(shard_size=2, workers=1, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,14 @@ def test_the_pair_within_24_hours_becomes_one_linked_record(converted, sources):
   assert sorted(records) == ["cxr-s50414267+ecg-s40689238", "cxr-s53189527", "cxr-s54321000", "ecg-s41111111",
                              "ecg-s42222222", "ecg-s44458630"]
   enc = records["cxr-s50414267+ecg-s40689238"]
-  assert enc.linked and enc.has_cxr and enc.has_ecg and enc.dataset == "mimic"
-  assert enc.cxr_study_id == "s50414267" and enc.ecg_study_id == "s40689238"
+  assert enc.linked and enc.has("cxr") and enc.has("ecg") and enc.dataset == "mimic"
+  assert enc.part("cxr").study_id == "s50414267" and enc.part("ecg").study_id == "s40689238"
   # Both halves carry the same values as the single-dataset converters produce.
   iu = L.iu_reports()["2"]
-  assert enc.cxr_report == L.expected_cxr_text(iu["findings"], iu["impression"])
-  assert enc.ecg_report == "Sinus bradycardia. Left atrial enlargement."
+  assert enc.part("cxr").report == L.expected_cxr_text(iu["findings"], iu["impression"])
+  assert enc.part("ecg").report == "Sinus bradycardia. Left atrial enlargement."
   L.assert_ecg_matches(enc, L.expected_ecg_mv(sources[1] / L.DEFAULT_ECG_STUDIES[0].path))
-  assert enc.cxr_labels[list(mimic.SPEC.cxr_label_names).index("Cardiomegaly")] == 1.0
+  assert enc.part("cxr").labels[list(mimic.SPEC.label_names["cxr"]).index("Cardiomegaly")] == 1.0
   assert not any(r.linked for k, r in records.items() if "+" not in k)
   info = json.loads((out / "dataset_info.json").read_text())
   assert info["linking"]["linked_pairs"] == 1 and info["linking"]["candidate_pairs"] == 1
@@ -59,7 +59,7 @@ def test_splits_are_by_subject_official_for_cxr_subjects(converted):
   assert records["ecg-s44458630"].split == "train"  # subject 10000032's official CXR split
   assert records["cxr-s54321000"].split == "val"  # 'validate'
   for key, subject in (("ecg-s41111111", "10000764"), ("ecg-s42222222", "10001234")):
-    assert records[key].split == common.hash_split(subject, mimic_ecg.DEFAULT_FRACTIONS, "mimic")
+    assert records[key].split == tables.hash_split(subject, mimic_ecg.DEFAULT_FRACTIONS, "mimic")
   by_subject = {}
   for enc in records.values():
     by_subject.setdefault(enc.patient_id, set()).add(enc.split)

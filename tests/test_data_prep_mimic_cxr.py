@@ -10,9 +10,9 @@ from PIL import Image
 import pytest
 
 import real_layouts as L
-from data_prep import common, mimic_cxr
+from data_prep import cli, mimic_cxr
 
-OPTIONS = common.Options(shard_size=2, workers=1, progress=False)
+OPTIONS = cli.Options(shard_size=2, workers=1, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,8 @@ def test_one_frontal_image_per_study_with_official_splits(converted):
   for study in L.DEFAULT_CXR_STUDIES:
     enc = records[f"s{study.study_id}"]
     path = src / f"files/p{study.subject_id[:2]}/p{study.subject_id}/s{study.study_id}/{chosen[enc.encounter_id]}.jpg"
-    assert enc.cxr_image == path.read_bytes()  # 128 px JPEG: kept byte for byte
-    assert enc.patient_id == study.subject_id and not enc.has_ecg
+    assert enc.part("cxr").data == path.read_bytes()  # 128 px JPEG: kept byte for byte
+    assert enc.patient_id == study.subject_id and not enc.has("ecg")
   info = json.loads((out / "dataset_info.json").read_text())
   assert info["excluded_images"] == {"image of a view not selected": 1, "other image of a chosen study": 1}
   assert info["cxr_label_names"] == list(mimic_cxr.CHEXPERT_LABELS)
@@ -54,8 +54,9 @@ def test_reports_are_findings_then_impression(converted):
   iu = L.iu_reports()
   for study in L.DEFAULT_CXR_STUDIES:
     row = iu[study.report_uid]
-    assert records[f"s{study.study_id}"].cxr_report == L.expected_cxr_text(row["findings"], row["impression"])
-  assert records["s50414267"].cxr_report.startswith("Borderline cardiomegaly. Midline sternotomy XXXX.")
+    assert records[f"s{study.study_id}"].part("cxr").report == L.expected_cxr_text(row["findings"],
+                                                                                    row["impression"])
+  assert records["s50414267"].part("cxr").report.startswith("Borderline cardiomegaly. Midline sternotomy XXXX.")
 
 
 def test_chexpert_labels_with_blank_as_unknown(converted):
@@ -65,12 +66,12 @@ def test_chexpert_labels_with_blank_as_unknown(converted):
     enc = records[f"s{study.study_id}"]
     cells = study.chexpert or {}
     expected = [float(cells[n]) if cells.get(n) else -1.0 for n in names]
-    np.testing.assert_array_equal(enc.cxr_labels, expected)
+    np.testing.assert_array_equal(enc.part("cxr").labels, expected)
     np.testing.assert_array_equal(enc.extras["cxr_label_mentioned"], [float(bool(cells.get(n))) for n in names])
   enc = records["s50414267"]
-  assert enc.cxr_labels[names.index("Cardiomegaly")] == 1.0
-  assert enc.cxr_labels[names.index("Lung Opacity")] == -1.0
-  assert enc.cxr_labels[names.index("Pleural Effusion")] == 0.0
+  assert enc.part("cxr").labels[names.index("Cardiomegaly")] == 1.0
+  assert enc.part("cxr").labels[names.index("Lung Opacity")] == -1.0
+  assert enc.part("cxr").labels[names.index("Pleural Effusion")] == 0.0
 
 
 def test_study_time_handles_dropped_leading_zeros():
@@ -80,12 +81,12 @@ def test_study_time_handles_dropped_leading_zeros():
 
 def test_downscaling_re_encodes_as_png(converted, tmp_path):
   src, reports = converted[0], converted[4]
-  options = common.Options(shard_size=10, workers=1, progress=False, image_size=64)
+  options = cli.Options(shard_size=10, workers=1, progress=False, image_size=64)
   mimic_cxr.convert(str(src), str(tmp_path), options, reports=str(reports))
   records = L.read_converted(tmp_path)
   assert len(records) == 3
   for enc in records.values():
-    image = Image.open(io.BytesIO(enc.cxr_image))
+    image = Image.open(io.BytesIO(enc.part("cxr").data))
     assert image.format == "PNG" and image.size == (64, 64) and image.mode == "L"
 
 

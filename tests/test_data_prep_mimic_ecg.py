@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 import real_layouts as L
-from data_prep import common, mimic_ecg
+from data_prep import cli, mimic_ecg, tables
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
   src, out = tmp_path_factory.mktemp("mimic_ecg_src"), tmp_path_factory.mktemp("mimic_ecg_out")
   L.build_mimic_ecg(src)
-  summary = mimic_ecg.convert(str(src), str(out), common.Options(shard_size=3, workers=1, progress=False))
+  summary = mimic_ecg.convert(str(src), str(out), cli.Options(shard_size=3, workers=1, progress=False))
   return src, out, summary, L.read_converted(out)
 
 
@@ -32,23 +32,23 @@ def test_waveforms_match_wfdb_with_leads_reordered_by_name(converted):
   for study in L.DEFAULT_ECG_STUDIES:
     enc = records[f"s{study.study_id}"]
     L.assert_ecg_matches(enc, L.expected_ecg_mv(src / study.path))
-    assert enc.patient_id == study.subject_id and enc.ecg_study_id == f"s{study.study_id}"
+    assert enc.patient_id == study.subject_id and enc.part("ecg").study_id == f"s{study.study_id}"
     # schema times are float32 (tf.train.Example float_list): MIMIC's year-2180 times keep ~512 s resolution.
-    assert enc.ecg_time == float(np.float32(common.epoch_seconds(study.time)))
-    assert not enc.has_cxr and not enc.linked
+    assert enc.part("ecg").time == float(np.float32(tables.epoch_seconds(study.time)))
+    assert not enc.has("cxr") and not enc.linked
 
 
 def test_statements_are_joined_in_order_into_the_report(converted):
   _, _, _, records = converted
-  assert records["s40689238"].ecg_report == "Sinus bradycardia. Left atrial enlargement."
-  assert records["s42222222"].ecg_report == "Sinus bradycardia. Right bundle branch block."
-  assert records["s44458630"].ecg_report == "Sinus tachycardia."
+  assert records["s40689238"].part("ecg").report == "Sinus bradycardia. Left atrial enlargement."
+  assert records["s42222222"].part("ecg").report == "Sinus bradycardia. Right bundle branch block."
+  assert records["s44458630"].part("ecg").report == "Sinus tachycardia."
 
 
 def test_splits_are_by_subject_hash(converted):
   _, out, _, records = converted
   for study in L.DEFAULT_ECG_STUDIES:
-    assert records[f"s{study.study_id}"].split == common.hash_split(study.subject_id, (0.8, 0.1, 0.1), "mimic")
+    assert records[f"s{study.study_id}"].split == tables.hash_split(study.subject_id, (0.8, 0.1, 0.1), "mimic")
   info = json.loads((out / "dataset_info.json").read_text())
   assert sum(v["num_examples"] for v in info["splits"].values()) == len(L.DEFAULT_ECG_STUDIES)
   assert info["conversion_options"]["split_salt"] == "mimic"
@@ -64,7 +64,7 @@ def test_gzipped_tables_are_read_too(converted, tmp_path):
     with open(gz_src / name, "rb") as f, gzip.open(gz_src / (name + ".gz"), "wb") as g:
       g.write(f.read())
     (gz_src / name).unlink()
-  mimic_ecg.convert(str(gz_src), str(tmp_path / "out"), common.Options(shard_size=3, workers=1, progress=False))
+  mimic_ecg.convert(str(gz_src), str(tmp_path / "out"), cli.Options(shard_size=3, workers=1, progress=False))
   shards = sorted(p.name for p in out.iterdir() if ".tfrecord-" in p.name)
   assert shards == sorted(p.name for p in (tmp_path / "out").iterdir() if ".tfrecord-" in p.name)
   for name in shards:

@@ -7,9 +7,9 @@ from PIL import Image
 import pytest
 
 import real_layouts as L
-from data_prep import common, openi
+from data_prep import cli, openi
 
-OPTIONS = common.Options(shard_size=4, workers=1, progress=False)
+OPTIONS = cli.Options(shard_size=4, workers=1, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +28,11 @@ def test_csv_layout_reports_and_frontal_images(csv_converted):
   iu = L.iu_reports()
   assert sorted(records) == ["1", "2", "3", "5", "6"]
   for uid, enc in records.items():
-    assert enc.cxr_report == L.expected_cxr_text(iu[uid]["findings"], iu[uid]["impression"])
-    assert enc.cxr_image == (src / "images" / "images_normalized" / L.openi_frontal_name(uid)).read_bytes()
-    assert enc.split == "test" and list(enc.cxr_labels) == []
-  assert records["3"].cxr_report == " ".join(iu["3"]["impression"].split())  # no findings: impression only
-  assert records["1"].cxr_report == (iu["1"]["findings"] + " " + iu["1"]["impression"])
+    assert enc.part("cxr").report == L.expected_cxr_text(iu[uid]["findings"], iu[uid]["impression"])
+    assert enc.part("cxr").data == (src / "images" / "images_normalized" / L.openi_frontal_name(uid)).read_bytes()
+    assert enc.split == "test" and list(enc.part("cxr").labels) == []
+  assert records["3"].part("cxr").report == " ".join(iu["3"]["impression"].split())  # no findings: impression only
+  assert records["1"].part("cxr").report == (iu["1"]["findings"] + " " + iu["1"]["impression"])
 
 
 def test_xml_layout_gives_the_same_texts(tmp_path, csv_converted):
@@ -44,15 +44,15 @@ def test_xml_layout_gives_the_same_texts(tmp_path, csv_converted):
   assert sorted(records) == [f"CXR{u}" for u in sorted(L.OPENI_UIDS)]
   for uid in L.OPENI_UIDS:
     enc = records[f"CXR{uid}"]
-    assert enc.cxr_report == L.expected_cxr_text(iu[uid]["findings"], iu[uid]["impression"])
-    assert enc.cxr_image == (tmp_path / "src" / "NLMCXR_png" / f"{first_image[uid]}.png").read_bytes()
+    assert enc.part("cxr").report == L.expected_cxr_text(iu[uid]["findings"], iu[uid]["impression"])
+    assert enc.part("cxr").data == (tmp_path / "src" / "NLMCXR_png" / f"{first_image[uid]}.png").read_bytes()
 
 
 def test_large_images_are_downscaled_to_png(tmp_path):
   L.build_openi_csv(tmp_path / "src", uids=("1",))
   big = Image.open(io.BytesIO(L.fixture_image(L.CXR_IMAGES[0], "PNG"))).resize((300, 200))
   big.save(tmp_path / "src" / "images" / "images_normalized" / L.openi_frontal_name("1"))
-  options = common.Options(workers=1, progress=False, image_size=150)
+  options = cli.Options(workers=1, progress=False, image_size=150)
   openi.convert(str(tmp_path / "src"), str(tmp_path / "out"), options)
-  image = Image.open(io.BytesIO(L.read_converted(tmp_path / "out")["1"].cxr_image))
+  image = Image.open(io.BytesIO(L.read_converted(tmp_path / "out")["1"].part("cxr").data))
   assert image.format == "PNG" and image.size == (150, 100)

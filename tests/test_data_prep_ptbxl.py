@@ -9,10 +9,10 @@ import pytest
 import wfdb
 
 import real_layouts as L
-from data_prep import common, ptbxl
+from data_prep import cli, ptbxl
 from medbind_jax.data import pipeline, preprocess, schema
 
-OPTIONS = common.Options(shard_size=2, workers=1, progress=False)
+OPTIONS = cli.Options(shard_size=2, workers=1, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,12 @@ def test_waveforms_match_wfdb_and_keep_the_source_adc_values(converted):
     enc = records[f"{ecg_id:05d}"]
     expected = L.expected_ecg_mv(src / row["filename_hr"])
     L.assert_ecg_matches(enc, expected)
-    assert enc.ecg_sampling_rate == 500.0 and enc.ecg_samples.shape == (5000, 12)
+    assert enc.part("ecg").data.sampling_rate == 500.0 and enc.part("ecg").data.samples.shape == (5000, 12)
     # Lossless: rounding back at the source gain (1000/mV) gives wfdb's digital samples exactly.
     digital = wfdb.rdrecord(str(src / row["filename_hr"]), physical=False).d_signal
     position = {n.lower(): i for i, n in enumerate(L.PTBXL_LEADS)}
     digital = digital[:, [position[n.lower()] for n in L.CANONICAL_LEADS]]
-    stored = enc.ecg_samples.astype(np.float64) / np.asarray(enc.ecg_gain, np.float64)
+    stored = enc.part("ecg").data.samples.astype(np.float64) / np.asarray(enc.part("ecg").data.gain, np.float64)
     np.testing.assert_array_equal(np.rint(stored * 1000.0), digital)
 
 
@@ -63,26 +63,26 @@ def test_reports_are_verbatim_and_labels_follow_scp_statements(converted):
   src, _, rows, _, records = converted
   for ecg_id, row in rows.items():
     enc = records[f"{ecg_id:05d}"]
-    assert enc.ecg_report == row["report"]
+    assert enc.part("ecg").report == row["report"]
     expected = _superclasses(src, row["scp_codes"])
-    assert [name for name, v in zip(ptbxl.SPEC.ecg_label_names, enc.ecg_labels) if v == 1.0] == \
-        [name for name in ptbxl.SPEC.ecg_label_names if name in expected]
+    assert [name for name, v in zip(ptbxl.SPEC.label_names["ecg"], enc.part("ecg").labels) if v == 1.0] == \
+        [name for name in ptbxl.SPEC.label_names["ecg"] if name in expected]
     assert enc.patient_id == str(int(float(row["patient_id"])))
   # The fixture covers a German report, an STTC-only and a NORM+CD record.
-  assert records["06001"].ecg_report.startswith("sinusrhythmus")
-  assert list(records["06001"].ecg_labels) == [0, 0, 1, 0, 0]
-  assert list(records["06002"].ecg_labels) == [1, 0, 0, 1, 0]
-  assert records["06000"].ecg_time == pytest.approx(671636820.0)  # 1991-04-14 13:47 UTC
+  assert records["06001"].part("ecg").report.startswith("sinusrhythmus")
+  assert list(records["06001"].part("ecg").labels) == [0, 0, 1, 0, 0]
+  assert list(records["06002"].part("ecg").labels) == [1, 0, 0, 1, 0]
+  assert records["06000"].part("ecg").time == pytest.approx(671636820.0)  # 1991-04-14 13:47 UTC
 
 
 def test_resampling_and_cropping_match_scipy_on_wfdb_signal(converted, tmp_path):
   src, _, rows, _, _ = converted
-  options = common.Options(shard_size=10, workers=1, progress=False, sampling_rate=100.0, num_samples=800)
+  options = cli.Options(shard_size=10, workers=1, progress=False, sampling_rate=100.0, num_samples=800)
   assert ptbxl.convert(str(src), str(tmp_path), options).exit_code == 0
   records = L.read_converted(tmp_path)
   for ecg_id, row in rows.items():
     enc = records[f"{ecg_id:05d}"]
-    assert enc.ecg_sampling_rate == 100.0
+    assert enc.part("ecg").data.sampling_rate == 100.0
     L.assert_ecg_matches(enc, L.expected_ecg_mv(src / row["filename_hr"], 100.0, 800))
 
 
@@ -90,12 +90,12 @@ def test_eval_batches_give_the_labels_and_model_inputs_of_the_source(converted):
   src, out, rows, _, _ = converted
   index = pipeline.index_split(str(out), "train", progress=False)
   ecg_spec = preprocess.EcgSpec(sampling_rate=500.0, num_samples=5000)
-  batches = list(pipeline.eval_batches(index, "ecg", 4, cxr=preprocess.CxrSpec(), ecg=ecg_spec))
+  batches = list(pipeline.eval_batches(index, "ecg", 4, ecg_spec))
   assert len(batches) == 1 and batches[0]["valid"].tolist() == [True, True, False, False]
   for row, i in enumerate(batches[0]["index"][:2]):
     source = rows[int(index.records[i].encounter_id)]
     expected = _superclasses(src, source["scp_codes"])
     np.testing.assert_array_equal(batches[0]["labels"][row],
-                                  [float(name in expected) for name in ptbxl.SPEC.ecg_label_names])
+                                  [float(name in expected) for name in ptbxl.SPEC.label_names["ecg"]])
     # The model input is wfdb's reading (x scale_mv = 1), up to the stored precision.
-    np.testing.assert_allclose(batches[0]["ecg"][row], L.expected_ecg_mv(src / source["filename_hr"]), atol=1e-3)
+    np.testing.assert_allclose(batches[0]["inputs"][row], L.expected_ecg_mv(src / source["filename_hr"]), atol=1e-3)

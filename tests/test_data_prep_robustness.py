@@ -1,6 +1,7 @@
-"""Converter robustness (data_prep/common.py): every bad-input case is logged with its reason while the run completes,
+"""Converter robustness (data_prep/runner.py): every bad-input case is logged with its reason while the run completes,
 the exit code follows --max-error-rate, a re-run after an interruption redoes only the missing shards and gives the
-same bytes, worker processes give the same bytes as one process; plus the shared ECG / image / text helpers."""
+same bytes, worker processes give the same bytes as one process; plus the shared ECG / image / text helpers
+(data_prep/ecg_io.py, cxr_io.py, report_text.py)."""
 
 import csv
 import io
@@ -16,8 +17,9 @@ import pytest
 import wfdb
 
 import real_layouts as L
-from data_prep import chexpert5x200, common, cpsc2018, mimic, mimic_cxr, mimic_ecg, openi, ptbxl
-from data_prep.common import RecordError
+from data_prep import (chexpert5x200, cli, cpsc2018, cxr_io, ecg_io, mimic, mimic_cxr, mimic_ecg, openi, ptbxl,
+                       report_text, runner)
+from data_prep.errors import RecordError
 from medbind_jax.data import schema
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -29,12 +31,12 @@ def _files(directory) -> dict[str, bytes]:
 
 
 def _errors(out) -> list[tuple[str, str]]:
-  lines = (pathlib.Path(out) / common.ERRORS_FILE).read_text().splitlines()
+  lines = (pathlib.Path(out) / runner.ERRORS_FILE).read_text().splitlines()
   return [(e["record_id"], e["kind"]) for e in map(json.loads, lines)]
 
 
 def _reasons(out) -> list[str]:
-  lines = (pathlib.Path(out) / common.ERRORS_FILE).read_text().splitlines()
+  lines = (pathlib.Path(out) / runner.ERRORS_FILE).read_text().splitlines()
   return [e["reason"] for e in map(json.loads, lines)]
 
 
@@ -186,7 +188,7 @@ def test_mimic_cxr_missing_or_sectionless_reports_are_logged(tmp_path):
   L.build_mimic_cxr(src)
   (src / "files/p10/p10000032/s53189527.txt").unlink()
   (src / "files/p10/p10000980/s54321000.txt").write_text("                 FINAL REPORT\n CHEST RADIOGRAPH\n")
-  summary = mimic_cxr.convert(str(src), str(tmp_path / "out"), common.Options(workers=1, progress=False,
+  summary = mimic_cxr.convert(str(src), str(tmp_path / "out"), cli.Options(workers=1, progress=False,
                                                                                 max_error_rate=1.0))
   assert [(e["record_id"], e["kind"]) for e in summary.errors] == [("s53189527", "missing file"),
                                                                    ("s54321000", "empty report")]
@@ -197,7 +199,7 @@ def test_mimic_ecg_study_without_statements_is_logged(tmp_path):
   src = tmp_path / "src"
   studies = L.DEFAULT_ECG_STUDIES[:2] + (L.MimicEcgStudy("10000764", "41111111", "E07506", "2132-10-14 23:31:00", ()),)
   L.build_mimic_ecg(src, studies)
-  summary = mimic_ecg.convert(str(src), str(tmp_path / "out"), common.Options(workers=1, progress=False))
+  summary = mimic_ecg.convert(str(src), str(tmp_path / "out"), cli.Options(workers=1, progress=False))
   assert [(e["record_id"], e["kind"]) for e in summary.errors] == [("s41111111", "empty report")]
   assert summary.exit_code == 1 and summary.num_written == 2
 
@@ -211,7 +213,7 @@ def test_a_rerun_after_an_interruption_redoes_only_the_missing_shards_byte_ident
   src, out = tmp_path / "src", tmp_path / "out"
   L.build_ptbxl(src)
   _truncate(_record(src, "06002").with_suffix(".dat"), 100)  # its shard is kept empty, its error must persist
-  options = common.Options(shard_size=1, workers=1, progress=False, max_error_rate=0.5)
+  options = cli.Options(shard_size=1, workers=1, progress=False, max_error_rate=0.5)
   first = ptbxl.convert(str(src), str(out), options)
   assert sorted(first.shards_written) == ["test.tfrecord-00000-of-00001", "train.tfrecord-00000-of-00002",
                                           "train.tfrecord-00001-of-00002"]
@@ -222,7 +224,7 @@ def test_a_rerun_after_an_interruption_redoes_only_the_missing_shards_byte_ident
   (out / "train.tfrecord-00000-of-00002").unlink()
   os.replace(out / "test.tfrecord-00000-of-00001", out / "test.tfrecord-00000-of-00001.tmp")
   _truncate(out / "test.tfrecord-00000-of-00001.tmp", 1000)
-  for name in (schema.DATASET_INFO, common.ERRORS_FILE):
+  for name in (schema.DATASET_INFO, runner.ERRORS_FILE):
     (out / name).unlink()
   second = ptbxl.convert(str(src), str(out), options)
   assert second.shards_reused == ["train.tfrecord-00001-of-00002"]
@@ -235,10 +237,10 @@ def test_a_rerun_after_an_interruption_redoes_only_the_missing_shards_byte_ident
 def test_other_options_refuse_to_mix_with_a_previous_run_unless_overwrite(tmp_path):
   src, out = tmp_path / "src", tmp_path / "out"
   L.build_ptbxl(src)
-  ptbxl.convert(str(src), str(out), common.Options(shard_size=1, workers=1, progress=False))
+  ptbxl.convert(str(src), str(out), cli.Options(shard_size=1, workers=1, progress=False))
   with pytest.raises(FileExistsError, match="--overwrite"):
-    ptbxl.convert(str(src), str(out), common.Options(shard_size=2, workers=1, progress=False))
-  ptbxl.convert(str(src), str(out), common.Options(shard_size=2, workers=1, progress=False, overwrite=True))
+    ptbxl.convert(str(src), str(out), cli.Options(shard_size=2, workers=1, progress=False))
+  ptbxl.convert(str(src), str(out), cli.Options(shard_size=2, workers=1, progress=False, overwrite=True))
   assert sorted(p.name for p in out.iterdir() if ".tfrecord-" in p.name) == [
       "test.tfrecord-00000-of-00001", "train.tfrecord-00000-of-00001"]
 
@@ -247,7 +249,7 @@ def test_the_cli_with_two_worker_processes_writes_the_same_bytes_as_one_process(
   src = tmp_path / "src"
   L.build_ptbxl(src)
   _blank_report(src)
-  options = common.Options(shard_size=1, workers=1, progress=False, max_error_rate=0.5)
+  options = cli.Options(shard_size=1, workers=1, progress=False, max_error_rate=0.5)
   ptbxl.convert(str(src), str(tmp_path / "one"), options)
   result = subprocess.run(
       [sys.executable, "-m", "data_prep.ptbxl", "--src", str(src), "--out", str(tmp_path / "two"), "--workers", "2",
@@ -312,7 +314,7 @@ def test_quantize_never_clips_and_meets_the_stated_bound():
   peaks = np.array([0.01, 1.0, 5.0, 16.0, 32.0, 45.0])
   signal_mv = rng.uniform(-1, 1, (3000, peaks.size)) * peaks
   signal_mv[17] = peaks  # each lead reaches its peak
-  samples, gain = common.quantize_ecg(signal_mv)
+  samples, gain = ecg_io.quantize_ecg(signal_mv)
   assert samples.dtype == np.int16 and gain.dtype == np.float32
   assert np.all(np.abs(samples.astype(np.int32)).max(axis=0) >= 32766)  # full int16 range used
   error = np.abs(samples / gain.astype(np.float64) - signal_mv).max(axis=0)
@@ -322,29 +324,29 @@ def test_quantize_never_clips_and_meets_the_stated_bound():
 
 def test_leads_are_matched_by_name_with_aliases():
   names = ["V6", "avr", "Lead_I", "AVL", "ii", "III", "aVF", "V1", "v2", "V-3", "V4", "V5", "vx"]
-  order = common.canonical_lead_order(names)
+  order = ecg_io.canonical_lead_order(names)
   assert [names[i] for i in order] == ["Lead_I", "ii", "III", "avr", "AVL", "aVF", "V1", "v2", "V-3", "V4", "V5",
                                        "V6"]
   with pytest.raises(RecordError, match="missing leads.*V6"):
-    common.canonical_lead_order(names[1:])
+    ecg_io.canonical_lead_order(names[1:])
   with pytest.raises(RecordError, match="duplicate lead"):
-    common.canonical_lead_order(names + ["AVR"])
+    ecg_io.canonical_lead_order(names + ["AVR"])
 
 
 def test_report_sections_of_a_mimic_style_report():
   report = ("                 FINAL REPORT\n EXAMINATION:  CHEST (PORTABLE AP)\n\n INDICATION:  ___ with fever\n\n"
             " FINDINGS AND IMPRESSION: \n Heart size is normal.  No\n effusion.\n\n NOTIFICATION:  Discussed with"
             " Dr. ___.\n")
-  assert common.findings_impression(report) == ("Heart size is normal. No effusion.", "")
-  assert common.cxr_report_text(*common.findings_impression(report)) == "Heart size is normal. No effusion."
-  sections = common.report_sections(" FINDINGS:\n A\n b.\n IMPRESSION:\n  C.\n")
+  assert report_text.findings_impression(report) == ("Heart size is normal. No effusion.", "")
+  assert report_text.cxr_report_text(*report_text.findings_impression(report)) == "Heart size is normal. No effusion."
+  sections = report_text.report_sections(" FINDINGS:\n A\n b.\n IMPRESSION:\n  C.\n")
   assert sections == {"FINDINGS": "A b.", "IMPRESSION": "C."}
   with pytest.raises(RecordError, match="empty report"):
-    common.cxr_report_text(" ", "")
+    report_text.cxr_report_text(" ", "")
 
 
 def test_statements_join():
-  assert common.join_statements(["Sinus rhythm", "", "  Normal ECG.", None, "Borderline ECG"]) == \
+  assert report_text.join_statements(["Sinus rhythm", "", "  Normal ECG.", None, "Borderline ECG"]) == \
       "Sinus rhythm. Normal ECG. Borderline ECG."
 
 
@@ -352,11 +354,11 @@ def test_sixteen_bit_images_are_stored_as_8_bit_png():
   arr = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 13)
   buf = io.BytesIO()
   Image.fromarray(arr).save(buf, format="PNG")
-  stored = Image.open(io.BytesIO(common.prepare_image(buf.getvalue(), 512)))
+  stored = Image.open(io.BytesIO(cxr_io.prepare_image(buf.getvalue(), 512)))
   assert stored.mode == "L" and stored.size == (64, 48)
   assert np.asarray(stored).min() == 0 and np.asarray(stored).max() == 255
   with pytest.raises(RecordError, match="image too small"):
-    common.prepare_image(_tiny_png(), 512)
+    cxr_io.prepare_image(_tiny_png(), 512)
 
 
 def _tiny_png() -> bytes:

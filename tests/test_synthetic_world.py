@@ -67,8 +67,8 @@ def test_another_seed_gives_another_world(tmp_path):
   sw.generate_world(tmp_path / "a", small, workers=1, progress=False)
   sw.generate_world(tmp_path / "b", dataclasses.replace(small, seed=1), workers=1, progress=False)
   shards_a, shards_b = _read_world(tmp_path / "a"), _read_world(tmp_path / "b")
-  images_a = {e.cxr_image for encs in shards_a.values() for e in encs if e.has_cxr}
-  images_b = {e.cxr_image for encs in shards_b.values() for e in encs if e.has_cxr}
+  images_a = {e.part("cxr").data for encs in shards_a.values() for e in encs if e.has("cxr")}
+  images_b = {e.part("cxr").data for encs in shards_b.values() for e in encs if e.has("cxr")}
   assert images_a and images_b and not images_a & images_b
   assert sw.fingerprint(small) != sw.fingerprint(dataclasses.replace(small, seed=1))
 
@@ -119,8 +119,8 @@ def test_dataset_info_counts_match_the_shards(world):
       encs = shards[shard["file"]]
       listed.append(shard["file"])
       assert shard["num_examples"] == len(encs)
-      assert shard["num_cxr"] == sum(e.has_cxr for e in encs)
-      assert shard["num_ecg"] == sum(e.has_ecg for e in encs)
+      assert shard["num_cxr"] == sum(e.has("cxr") for e in encs)
+      assert shard["num_ecg"] == sum(e.has("ecg") for e in encs)
       assert shard["num_linked"] == sum(e.linked for e in encs)
       assert info["shard_bytes"][shard["file"]] == os.path.getsize(os.path.join(directory, shard["file"]))
     assert split_info["num_examples"] == sum(len(shards[s["file"]]) for s in split_info["shards"])
@@ -148,29 +148,38 @@ def test_linked_records_have_both_modalities(records):
   assert 0.3 < len(linked) / len(records) < 0.7  # link_fraction = 0.5
   for enc in records:
     if enc.linked:
-      assert enc.has_cxr and enc.has_ecg
-      assert abs(enc.ecg_time - enc.cxr_time) <= 12 * 3600
+      assert enc.has("cxr") and enc.has("ecg")
+      assert abs(enc.part("ecg").time - enc.part("cxr").time) <= 12 * 3600
     else:
-      assert enc.has_cxr != enc.has_ecg
+      assert enc.has("cxr") != enc.has("ecg")
 
 
-def test_labels_are_what_the_reports_state(records):
+def _stored_modalities(directory) -> dict[str, set[str]]:
+  """encounter_id -> the modalities with any feature (`m/...`) in the stored record, read without decoding."""
+  found = {}
+  for f in _shard_files(directory):
+    for _, data in tfrecord.iter_records(os.path.join(directory, f)):
+      feats = schema.parse_features(data)
+      found[schema.feature_str(feats, "encounter_id")] = {k.split("/")[0] for k in feats if k[:4] in ("cxr/", "ecg/")}
+  return found
+
+
+def test_labels_are_what_the_reports_state(world, records):
+  stored = _stored_modalities(world[0])
   for enc in records:
-    if enc.has_cxr:
-      np.testing.assert_array_equal(enc.cxr_labels, sw.label_cxr_report(enc.cxr_report), err_msg=enc.cxr_report)
-      assert enc.cxr_report.startswith("FINDINGS: ") and " IMPRESSION: " in enc.cxr_report
-    else:
-      assert len(enc.cxr_labels) == 0 and not enc.cxr_report
-    if enc.has_ecg:
-      np.testing.assert_array_equal(enc.ecg_labels, sw.label_ecg_report(enc.ecg_report), err_msg=enc.ecg_report)
-    else:
-      assert len(enc.ecg_labels) == 0 and not enc.ecg_report
+    # A modality a record lacks stores nothing (no labels, no report); decoding gives it no part.
+    assert stored[enc.encounter_id] == set(enc.parts)
     # Reports threshold the continuous latent state.
-    cxr = dict(zip(sw.CXR_LABELS, enc.cxr_labels))
-    ecg = dict(zip(sw.ECG_LABELS, enc.ecg_labels))
-    if enc.has_cxr:
+    if enc.has("cxr"):
+      part = enc.part("cxr")
+      np.testing.assert_array_equal(part.labels, sw.label_cxr_report(part.report), err_msg=part.report)
+      assert part.report.startswith("FINDINGS: ") and " IMPRESSION: " in part.report
+      cxr = dict(zip(sw.CXR_LABELS, part.labels))
       assert cxr["cardiomegaly"] == (enc.extras["heart_size"][0] > sw.THRESHOLDS["cardiomegaly"])
-    if enc.has_ecg:
+    if enc.has("ecg"):
+      part = enc.part("ecg")
+      np.testing.assert_array_equal(part.labels, sw.label_ecg_report(part.report), err_msg=part.report)
+      ecg = dict(zip(sw.ECG_LABELS, part.labels))
       assert ecg["lvh"] == (enc.extras["lv_mass"][0] > sw.THRESHOLDS["lvh"])
 
 
@@ -191,7 +200,7 @@ def test_report_labellers_handle_synonyms_and_negation():
 
 
 def test_ecg_reports_repeat_exactly(records):
-  texts = [e.ecg_report for e in records if e.has_ecg]
+  texts = [e.part("ecg").report for e in records if e.has("ecg")]
   assert len(set(texts)) < len(texts) / 2
   assert "Sinus rhythm. Normal ECG." in texts
 
@@ -202,14 +211,15 @@ def test_ecg_reports_repeat_exactly(records):
 
 
 def _ecgs(records):
-  return [e for e in records if e.has_ecg]
+  return [e for e in records if e.has("ecg")]
 
 
 def test_ecg_format_and_einthoven_relations(records):
   for enc in _ecgs(records):
-    x = enc.ecg_samples.astype(np.int32)
-    assert enc.ecg_samples.shape == (5000, 12) and enc.ecg_leads == schema.LEADS_12
-    assert enc.ecg_sampling_rate == 500 and list(enc.ecg_gain) == [1000.0] * 12
+    ecg = enc.part("ecg").data
+    x = ecg.samples.astype(np.int32)
+    assert ecg.samples.shape == (5000, 12) and tuple(ecg.leads) == schema.LEADS_12
+    assert ecg.sampling_rate == 500 and list(ecg.gain) == [1000.0] * 12
     assert np.abs(x).max() < 20000, "ECG near the int16 limit"
     assert x.std(0).min() > 10, "a lead is flat"
     lead = dict(zip(schema.LEADS_12, x.T))
@@ -231,14 +241,15 @@ def _rr_intervals(samples: np.ndarray, fs: float) -> np.ndarray:
 def test_rhythm_labels_match_the_measured_heart_rate(records):
   seen = set()
   for enc in _ecgs(records):
-    rr = _rr_intervals(enc.ecg_samples, enc.ecg_sampling_rate)
+    ecg = enc.part("ecg")
+    rr = _rr_intervals(ecg.data.samples, ecg.data.sampling_rate)
     rate, irregularity = 60.0 / rr.mean(), rr.std() / rr.mean()
-    labels = dict(zip(sw.ECG_LABELS, enc.ecg_labels))
+    labels = dict(zip(sw.ECG_LABELS, ecg.labels))
     rhythm = [k for k in ("sinus_rhythm", "sinus_tachycardia", "sinus_bradycardia", "atrial_fibrillation")
               if labels[k]]
-    assert len(rhythm) == 1, enc.ecg_report
+    assert len(rhythm) == 1, ecg.report
     seen.add(rhythm[0])
-    msg = f"{enc.ecg_report} measured {rate:.1f} bpm, RR variation {irregularity:.3f}"
+    msg = f"{ecg.report} measured {rate:.1f} bpm, RR variation {irregularity:.3f}"
     if rhythm[0] == "atrial_fibrillation":
       assert irregularity > 0.08, msg
     else:
@@ -264,12 +275,12 @@ def _silhouette_width(png: bytes) -> float:
 
 
 def test_cardiomegaly_widens_the_cardiac_silhouette(records):
-  cxrs = [e for e in records if e.has_cxr]
+  cxrs = [e for e in records if e.has("cxr")]
   for enc in cxrs[:3]:
-    image = Image.open(io.BytesIO(enc.cxr_image))
+    image = Image.open(io.BytesIO(enc.part("cxr").data))
     assert image.mode == "L" and image.size == (TINY.image_size, TINY.image_size)
-  widths = np.array([_silhouette_width(e.cxr_image) for e in cxrs])
-  cardiomegaly = np.array([e.cxr_labels[sw.CXR_LABELS.index("cardiomegaly")] for e in cxrs]) == 1
+  widths = np.array([_silhouette_width(e.part("cxr").data) for e in cxrs])
+  cardiomegaly = np.array([e.part("cxr").labels[sw.CXR_LABELS.index("cardiomegaly")] for e in cxrs]) == 1
   assert cardiomegaly.sum() >= 3 and (~cardiomegaly).sum() >= 3
   assert widths[cardiomegaly].mean() > widths[~cardiomegaly].mean() + 0.05, (widths[cardiomegaly], widths.mean())
   heart_size = np.array([e.extras["heart_size"][0] for e in cxrs])

@@ -18,8 +18,8 @@ def test_roundtrip_and_random_access(tmp_path):
   for meta in reversed(index.records):  # random order access
     got = schema.decode_encounter(reader.read(meta.ref))
     want = by_id[got.encounter_id]
-    assert got.cxr_image == want.cxr_image and got.ecg_report == want.ecg_report
-    np.testing.assert_array_equal(got.ecg_samples, want.ecg_samples)
+    assert got.part("cxr").data == want.part("cxr").data and got.part("ecg").report == want.part("ecg").report
+    np.testing.assert_array_equal(got.part("ecg").data.samples, want.part("ecg").data.samples)
 
 
 def test_frame_matches_tensorflow_layout():

@@ -6,7 +6,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from medbind_jax.data import schema, tfrecord
+from medbind_jax.data import codecs, schema, tfrecord
 
 
 def _png(rng, size=16) -> bytes:
@@ -23,9 +23,10 @@ def write_tiny_dataset(out_dir, num_records=6, num_shards=2, seed=0, splits=("tr
   for split in splits:
     encs = [schema.Encounter(
         encounter_id=f"{split}{i}", patient_id=f"{split}p{i}", split=split, dataset="tiny", linked=True,
-        cxr_image=_png(rng), cxr_report=f"cxr report {i % 3}", cxr_labels=[float(i % 2)],
-        ecg_samples=rng.integers(-500, 500, (200, 12)).astype(np.int16), ecg_gain=[1000.0] * 12,
-        ecg_sampling_rate=100.0, ecg_report=f"ecg report {i % 2}", ecg_labels=[1.0]) for i in range(num_records)]
+        parts={"cxr": schema.Part(_png(rng), report=f"cxr report {i % 3}", labels=[float(i % 2)]),
+               "ecg": schema.Part(codecs.EcgData(samples=rng.integers(-500, 500, (200, 12)).astype(np.int16),
+                                                 gain=[1000.0] * 12, sampling_rate=100.0),
+                                  report=f"ecg report {i % 2}", labels=[1.0])}) for i in range(num_records)]
     first = first or encs
     shards[split] = []
     for s in range(num_shards):
@@ -35,5 +36,5 @@ def write_tiny_dataset(out_dir, num_records=6, num_shards=2, seed=0, splits=("tr
           writer.write(schema.encode_encounter(enc))
           stats.add(enc)
       shards[split].append(stats)
-  schema.write_dataset_info(out_dir, name="tiny", shards=shards, cxr_label_names=["a"], ecg_label_names=["b"])
+  schema.write_dataset_info(out_dir, name="tiny", shards=shards, label_names={"cxr": ["a"], "ecg": ["b"]})
   return first
