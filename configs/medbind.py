@@ -67,41 +67,54 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.embed_dim = 256
   c.model.head_hidden_dim = 0 if arg.paper else 512
-  c.model.per_edge_logit_scale = True  # one temperature per edge: CXR-text, ECG-text and CXR-ECG learn apart
+  c.model.per_edge_logit_scale = True  # one temperature per edge (False: one shared by edges naming none)
   c.model.logit_scale_init = math.log(1 / 0.07)
   c.model.max_logit_scale = 100.0
   # Every tower and head: compute dtype ("bfloat16" for mixed precision; parameters stay float32) and
   # rematerialisation of transformer blocks (activation memory for compute). A tower's kwargs override these.
   c.model.dtype = "float32"
   c.model.remat = False
+  # Towers by modality: encoder name (medbind_jax.models.ENCODERS), `init` (a local Hugging Face directory,
+  # or "minilm" for the packaged all-MiniLM-L6-v2 weights), checkpoint keys to skip, and module fields.
   if arg.paper:
-    c.model.cxr = ml_collections.ConfigDict(dict(name="swin", init=arg.cxr_init, skip_keys=(), kwargs=dict()))
+    cxr_tower = dict(name="swin", init=arg.cxr_init, skip_keys=(), kwargs=dict())
   else:
-    c.model.cxr = ml_collections.ConfigDict(dict(name="vit", init="", skip_keys=(), kwargs=dict(
+    cxr_tower = dict(name="vit", init="", skip_keys=(), kwargs=dict(
         image_size=image_size, patch_size=8, num_channels=1, hidden_size=96, num_layers=3, num_heads=3, mlp_dim=288,
-        pooling="mean", stem_channels=(24, 48, 96))))
-  c.model.ecg = ml_collections.ConfigDict(dict(name="ecg_transformer", init="", skip_keys=(), kwargs=dict(
+        pooling="mean", stem_channels=(24, 48, 96)))
+  ecg_tower = dict(name="ecg_transformer", init="", skip_keys=(), kwargs=dict(
       num_samples=ecg_samples, num_leads=12,
       patch_size=50,
       hidden_size=512 if arg.paper else 96, num_layers=8 if arg.paper else 3, num_heads=8 if arg.paper else 3,
-      mlp_dim=2048 if arg.paper else 288, pooling="mean")))
-  # Text tower: a BERT-family checkpoint directory, or "minilm" for the packaged all-MiniLM-L6-v2 weights.
+      mlp_dim=2048 if arg.paper else 288, pooling="mean"))
+  # Text (the reports of every modality): a BERT-family checkpoint directory, or "minilm".
   # trunk = "cached": frozen, its pooled output computed once per unique report (CPU demo);
   # trunk = "train": the whole tower runs in every step (paper scale; freeze parts with optim.param_groups).
-  c.model.text = ml_collections.ConfigDict(dict(
+  text_tower = dict(
       name="bert", init=arg.text_init or ("" if arg.paper else "minilm"), skip_keys=(r"^pooler\.",),
       tokenizer="",  # a local tokenizer directory; empty: the one in `init`
-      trunk="train" if arg.paper else "cached", kwargs=dict(pooling="mean" if not arg.paper else "cls")))
+      trunk="train" if arg.paper else "cached", kwargs=dict(pooling="mean" if not arg.paper else "cls"))
+  c.model.towers = ml_collections.ConfigDict(dict(cxr=cxr_tower, ecg=ecg_tower, text=text_tower))
 
   # ---- Loss ---------------------------------------------------------------------------------------------------
-  c.loss = ml_collections.ConfigDict(dict(emcl_weight=arg.emcl_weight, emcl_negatives="linked"))
+  # The contrastive edges by name: two modalities, kind ("tmcl": a modality against its reports, duplicate
+  # reports as extra positives; "pair": two modalities of linked records), weight, and optionally `logit_scale`
+  # (a temperature name edges can share; default the edge's own) and, for pair edges, `negatives` ("linked":
+  # only linked rows are columns; "all": every row of the batch). The weight of cxr_ecg is MEDBind's lambda
+  # (0: the paper's "unbound" ablation).
+  c.loss = ml_collections.ConfigDict()
+  c.loss.edges = ml_collections.ConfigDict(dict(
+      cxr_text=dict(modalities=("cxr", "text"), kind="tmcl", weight=1.0),
+      ecg_text=dict(modalities=("ecg", "text"), kind="tmcl", weight=1.0),
+      cxr_ecg=dict(modalities=("cxr", "ecg"), kind="pair", weight=arg.emcl_weight, negatives="linked"),
+  ))
 
   # ---- Optimiser ----------------------------------------------------------------------------------------------
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4 if arg.paper else 2e-3, warmup_steps=1000 if arg.paper else 50, b1=0.9, b2=0.98,
       eps=1e-6, weight_decay=0.05, grad_clip_norm=1.0,
       # (regex over '/'-joined parameter paths, learning-rate multiplier or None = frozen); first match wins.
-      param_groups=((r"^text_encoder/embeddings/", 0.1),) if arg.paper else ()))
+      param_groups=((r"^towers/text/embeddings/", 0.1),) if arg.paper else ()))
 
   # ---- Evaluation ---------------------------------------------------------------------------------------------
   # Run on data.eval_split at the end of training, every `every_steps` steps (0: only at the end; the numbers also go

@@ -30,13 +30,17 @@ from typing import Sequence
 
 import numpy as np
 
+from medbind_jax.data import codecs
 from medbind_jax.data.preprocess import InputError
-from medbind_jax.model import MODALITIES
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 INDEX_FIELDS = ("ids", "modality", "sources", "texts")  # string arrays, one entry per embedding
+
+
+def index_modalities() -> list[str]:
+  """Every modality an index can hold: the registered codecs' and text."""
+  return codecs.names() + [codecs.TEXT]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -97,18 +101,6 @@ def load_index(path: str) -> Index:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def find_images(folder: str) -> list[str]:
-  """Image files under `folder` (recursively), sorted."""
-  return sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
-                if name.lower().endswith(IMAGE_SUFFIXES))
-
-
-def find_records(folder: str) -> list[str]:
-  """WFDB record paths (without extension) under `folder`: one per header file, sorted."""
-  return sorted(os.path.join(root, name[:-len(".hea")]) for root, _, names in os.walk(folder) for name in names
-                if name.endswith(".hea"))
-
-
 def read_texts(path: str, column: str | None) -> tuple[list[str], list[str]]:
   """(texts, where each comes from): one per row of a .csv/.tsv file's `column` (every row, empty cells
   included, so they are reported), else one per non-blank line."""
@@ -129,11 +121,6 @@ def read_texts(path: str, column: str | None) -> tuple[list[str], list[str]]:
   return [line for _, line in kept], [f"{path}:{number}" for number, _ in kept]
 
 
-def _relative_id(path: str, folder: str) -> str:
-  rel = os.path.relpath(path, folder)
-  return os.path.splitext(rel)[0] if rel.lower().endswith(IMAGE_SUFFIXES) else rel
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Commands
 # ------------------------------------------------------------------------------------------------------------------
@@ -151,18 +138,19 @@ def _embed_or_report(embedder, modality: str, inputs: list, names: list[str], ar
 
 def run_index(args) -> int:
   from medbind_jax import inference  # pylint: disable=import-outside-toplevel  (imports jax)
-  if not (args.cxr or args.ecg or args.text):
-    raise InputError("nothing to index: give --cxr DIR, --ecg DIR and/or --text FILE")
+  folders = {m: getattr(args, m) for m in codecs.names() if getattr(args, m, None) is not None}
+  if not (folders or args.text):
+    raise InputError("nothing to index: give " + ", ".join(f"--{m} DIR" for m in codecs.names())
+                     + " and/or --text FILE")
   jobs = []  # (modality, inputs, ids, sources, texts)
-  for modality, folder, find in (("cxr", args.cxr, find_images), ("ecg", args.ecg, find_records)):
-    if folder is None:
-      continue
+  for modality, folder in folders.items():
+    codec = codecs.get(modality)
     if not os.path.isdir(folder):
       raise InputError(f"--{modality} {folder}: not a directory")
-    paths = find(folder)
+    paths = codec.find_inputs(folder)
     if not paths:
-      raise InputError(f"--{modality} {folder}: no {'images' if modality == 'cxr' else 'WFDB records'} found")
-    jobs.append((modality, paths, [_relative_id(p, folder) for p in paths], paths, [""] * len(paths)))
+      raise InputError(f"--{modality} {folder}: no {codec.inputs_help} found")
+    jobs.append((modality, paths, [codec.input_id(p, folder) for p in paths], paths, [""] * len(paths)))
   if args.text:  # the texts of all files form one job, so a bad-input report covers all of them
     texts, where = [], []
     for path in args.text:
@@ -186,7 +174,7 @@ def run_index(args) -> int:
                 info={"workdir": os.path.abspath(args.workdir), "step": embedder.step,
                       "embed_dim": embedder.embed_dim})
   save_index(args.out, index)
-  counts = ", ".join(f"{int(np.sum(index.modality == m))} {m}" for m in MODALITIES if np.any(index.modality == m))
+  counts = ", ".join(f"{int(np.sum(index.modality == m))} {m}" for m in index_modalities() if np.any(index.modality == m))
   print(f"wrote {args.out}: {len(index)} entries ({counts}), step {embedder.step} of {args.workdir}")
   return 0
 
@@ -207,7 +195,7 @@ def top_k(index: Index, query_emb: np.ndarray, k: int, targets: Sequence[str]) -
 def run_query(args) -> int:
   from medbind_jax import inference  # pylint: disable=import-outside-toplevel
   index = load_index(args.index)
-  modality, query = next((m, getattr(args, m)) for m in MODALITIES if getattr(args, m) is not None)
+  modality, query = next((m, getattr(args, m)) for m in index_modalities() if getattr(args, m, None) is not None)
   embedder = inference.Embedder.load(args.workdir, args.step, batch_size=1)
   if index.info.get("embed_dim") != embedder.embed_dim:
     raise ValueError(f"{args.index} holds {index.info.get('embed_dim')}-d embeddings; the run in {args.workdir} "
@@ -216,7 +204,7 @@ def run_query(args) -> int:
     print(f"warning: {args.index} was made by step {index.info.get('step')} of {index.info.get('workdir')}; "
           f"the query uses step {embedder.step} of {os.path.abspath(args.workdir)}", file=sys.stderr)
   query_emb = embedder.embed(modality, [query], names=[f"--{modality} {query}"]).embeddings[0]
-  present = [m for m in MODALITIES if np.any(index.modality == m)]
+  present = [m for m in index_modalities() if np.any(index.modality == m)]
   targets = args.target or present
   results = top_k(index, query_emb, args.k, targets)
   if args.json:
@@ -248,8 +236,8 @@ def parser() -> argparse.ArgumentParser:
   common.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
   index = sub.add_parser("index", parents=[common], help="embed folders and text files into an index")
-  index.add_argument("--cxr", metavar="DIR", help="folder of CXR images (*.png, *.jpg, *.jpeg; recursive)")
-  index.add_argument("--ecg", metavar="DIR", help="folder of WFDB ECG records (one per *.hea; recursive)")
+  for m in codecs.names():
+    index.add_argument(f"--{m}", metavar="DIR", help=f"folder of {m} inputs: {codecs.get(m).inputs_help}; recursive")
   index.add_argument("--text", metavar="FILE", nargs="+", help="text files: one text per non-blank line, or "
                      "a .csv/.tsv file with one text per row of --text-column")
   index.add_argument("--text-column", default=None, help="CSV/TSV column of the texts (default: 'text' or 'report')")
@@ -262,10 +250,10 @@ def parser() -> argparse.ArgumentParser:
   query.add_argument("--index", required=True, help="an index written by `index`")
   what = query.add_mutually_exclusive_group(required=True)
   what.add_argument("--text", help="query text")
-  what.add_argument("--cxr", metavar="PATH", help="query image (PNG or JPEG)")
-  what.add_argument("--ecg", metavar="RECORD", help="query WFDB record (path without extension)")
+  for m in codecs.names():
+    what.add_argument(f"--{m}", metavar="PATH", help=f"query {m} input (one of: {codecs.get(m).inputs_help})")
   query.add_argument("--k", type=int, default=5, help="entries per target modality (default 5)")
-  query.add_argument("--target", choices=MODALITIES, nargs="+", help="modalities to search (default: all)")
+  query.add_argument("--target", choices=index_modalities(), nargs="+", help="modalities to search (default: all)")
   query.add_argument("--json", action="store_true", help="print the results as JSON")
   return p
 

@@ -1,12 +1,14 @@
-"""MEDBind's contrastive losses: TMCL (text <-> modality, multi-positive) and EMCL (CXR <-> ECG on linked pairs).
+"""MEDBind's contrastive objective over a graph of modalities: a weighted sum of edge losses.
 
-Definitions (DESIGN.md section 4), over a global batch of B CXR-text pairs and B ECG-text pairs:
+An edge binds two modalities and has a kind (DESIGN.md section 4), over a global batch of B rows per modality:
 
-  TMCL_M = 1/2 [CE_rows(S, Y) + CE_cols(S, Y)],  S = s_M * Z_M U_M^T,
-           Y_ij = 1[text_j == text_i] / |{j : text_j == text_i}|  (duplicate reports are extra positives)
-  EMCL   = symmetric CE of linked CXRs against ECG columns (only the linked ECGs, or every ECG of the batch as
-           extra negatives), positive = the partner ECG; mean over linked rows; 0 when no row is linked.
-  L      = TMCL_cxr + TMCL_ecg + lambda * EMCL
+  tmcl (M, text)  1/2 [CE_rows(S, Y) + CE_cols(S, Y)],  S = s_e * Z_M U_M^T,  U_M = embeddings of M's reports,
+                  Y_ij = 1[text_j == text_i] / |{j : text_j == text_i}|  (duplicate reports are extra positives)
+  pair (A, B)     symmetric CE of the rows whose `pair_mask` is set (A and B of one encounter) against B columns
+                  (only the masked ones, or every B row of the batch as extra negatives), positive = the
+                  partner; mean over masked rows; 0 when no row is masked. MEDBind's EMCL is pair (cxr, ecg).
+
+  L = sum_e weight_e * loss_e.  MEDBind: (cxr, text, tmcl, 1), (ecg, text, tmcl, 1), (cxr, ecg, pair, lambda).
 
 All functions take *local* rows and *gathered* columns, so the single-device loss and the sharded loss are the
 same code: on one device the local rows are the whole batch; under `shard_map` each device scores its rows
@@ -17,24 +19,67 @@ of a tiled `all_gather` is a reduce-scatter, so gradients flow into every device
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-EDGES = ("cxr_text", "ecg_text", "cxr_ecg")
-EMCL_NEGATIVES = ("linked", "all")
+EDGE_KINDS = ("tmcl", "pair")
+PAIR_NEGATIVES = ("linked", "all")
+TEXT = "text"  # the anchor modality of tmcl edges
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
-  emcl_weight: float = 1.0  # lambda; 0 is the paper's "unbound" ablation
-  emcl_negatives: str = "linked"  # "linked": only linked ECGs are columns; "all": every ECG of the batch
+class Edge:
+  """One contrastive edge. `modalities`: (M, 'text') for tmcl, two non-text modalities for pair; `logit_scale`
+  names the learnable temperature it uses (edges naming the same one share it); `negatives` is for pair edges."""
+
+  name: str
+  modalities: tuple[str, str]
+  kind: str = "tmcl"
+  weight: float = 1.0
+  logit_scale: str = ""
+  negatives: str = "linked"
 
   def __post_init__(self):
-    if self.emcl_negatives not in EMCL_NEGATIVES:
-      raise ValueError(f"emcl_negatives must be one of {EMCL_NEGATIVES}, got {self.emcl_negatives!r}")
+    where = f"loss.edges.{self.name}"
+    if self.kind not in EDGE_KINDS:
+      raise ValueError(f"{where}: kind must be one of {EDGE_KINDS}, got {self.kind!r}")
+    if len(self.modalities) != 2 or self.modalities[0] == self.modalities[1]:
+      raise ValueError(f"{where}: modalities must be two different names, got {self.modalities!r}")
+    if self.kind == "tmcl" and TEXT not in self.modalities:
+      raise ValueError(f"{where}: a tmcl edge binds a modality to {TEXT!r}, got {self.modalities!r}")
+    if self.kind == "pair" and TEXT in self.modalities:
+      raise ValueError(f"{where}: a pair edge binds two non-text modalities of linked records, got "
+                       f"{self.modalities!r}; use kind='tmcl' for text")
+    if self.negatives not in PAIR_NEGATIVES:
+      raise ValueError(f"{where}: negatives must be one of {PAIR_NEGATIVES}, got {self.negatives!r}")
+    if self.kind == "tmcl" and self.modalities[0] == TEXT:  # canonical order: (M, text)
+      object.__setattr__(self, "modalities", (self.modalities[1], TEXT))
+    if not self.logit_scale:
+      object.__setattr__(self, "logit_scale", self.name)
+
+  @property
+  def modality(self) -> str:
+    """A tmcl edge's non-text modality."""
+    return self.modalities[0]
+
+
+def edges_from_config(edges_config, *, per_edge_logit_scale: bool = True) -> tuple[Edge, ...]:
+  """`config.loss.edges` ({name: {modalities, kind, weight, logit_scale?, negatives?}}) as Edges, sorted by name.
+
+  Without `per_edge_logit_scale`, edges that do not name a temperature share one ('shared')."""
+  edges = []
+  for name in sorted(edges_config):
+    fields = dict(edges_config[name])
+    fields["modalities"] = tuple(fields["modalities"])
+    if not per_edge_logit_scale and not fields.get("logit_scale"):
+      fields["logit_scale"] = "shared"
+    edges.append(Edge(name=name, **fields))
+  if not edges:
+    raise ValueError("config.loss.edges is empty: name at least one contrastive edge")
+  return tuple(edges)
 
 
 def multi_positive_ce(logits: jax.Array, positives: jax.Array) -> jax.Array:
@@ -84,14 +129,15 @@ def tmcl_sum(mod_emb: jax.Array, text_emb: jax.Array, text_key: jax.Array, scale
   return local.sum(), jnp.asarray(all_key.shape[0], jnp.float32)
 
 
-def emcl_sum(cxr_emb: jax.Array, ecg_emb: jax.Array, linked: jax.Array, scale: jax.Array,
+def pair_sum(a_emb: jax.Array, b_emb: jax.Array, linked: jax.Array, scale: jax.Array,
              negatives: str = "linked", axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
-  """Sum over this device's linked rows of the symmetric EMCL loss, and the global number of linked pairs.
+  """Sum over this device's linked rows of the symmetric pair loss (EMCL for CXR-ECG), and the global number of
+  linked pairs.
 
-  Row i of `cxr_emb` and row i of `ecg_emb` come from the same encounter when `linked[i]`; unlinked rows add
+  Row i of `a_emb` and row i of `b_emb` come from the same encounter when `linked[i]`; unlinked rows add
   nothing. Shapes are static; the number of linked pairs is data and only ever used as a count.
   """
-  all_cxr, all_ecg, all_linked = (_gather(x, axis_name) for x in (cxr_emb, ecg_emb, linked))
+  all_a, all_b, all_linked = (_gather(x, axis_name) for x in (a_emb, b_emb, linked))
   b, n = linked.shape[0], all_linked.shape[0]
   offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
   partner = (offset + jnp.arange(b))[:, None] == jnp.arange(n)[None, :]  # [b, N] global diagonal
@@ -107,44 +153,50 @@ def emcl_sum(cxr_emb: jax.Array, ecg_emb: jax.Array, linked: jax.Array, scale: j
     logits = jnp.where(columns, scale * q @ keys.T, -jnp.inf)
     return jax.nn.logsumexp(logits, axis=-1) - jnp.where(partner, logits, 0.0).sum(-1)
 
-  per_row = 0.5 * (directional(cxr_emb, all_ecg) + directional(ecg_emb, all_cxr))
+  per_row = 0.5 * (directional(a_emb, all_b) + directional(b_emb, all_a))
   # Count with a psum, not from the gathered mask, so the count is typed as equal on every device.
   return jnp.where(linked, per_row, 0.0).sum(), _psum(linked.sum().astype(jnp.float32), axis_name)
 
 
-def medbind_loss(emb: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], scales: Mapping[str, jax.Array],
-                 config: LossConfig, axis_name: str | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total loss L = TMCL_cxr + TMCL_ecg + lambda * EMCL and its parts.
+def objective(emb: Mapping[str, Mapping[str, jax.Array]], batch: Mapping[str, Mapping[str, jax.Array]],
+              scales: Mapping[str, jax.Array], edges: Sequence[Edge],
+              axis_name: str | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss L = sum_e weight_e * loss_e and each edge's loss.
 
   Args:
-    emb: {'cxr', 'cxr_text', 'ecg', 'ecg_text'} -> [b, d] normalised embeddings (local rows).
-    batch: {'cxr_text_key', 'ecg_text_key'} -> [b, 2] int32 and {'linked'} -> [b] bool.
-    scales: logit scale per edge in EDGES (already exponentiated and clipped).
+    emb: {'inputs': {modality: [b, d]}, 'reports': {modality: [b, d]}} normalised embeddings of the local rows
+      and of their reports (for the modalities of tmcl edges).
+    batch: {'text_key': {modality: [b, 2] int32}, 'pair_mask': {pair edge name: [b] bool}}.
+    scales: logit scale per temperature name (already exponentiated and clipped).
+    edges: the objective's edges.
     axis_name: data axis when called inside `shard_map`; None on a single device.
   Returns:
-    (loss, metrics) with identical values on every device.
+    (loss, {'loss/<edge>': value, 'num_pairs/<pair edge>': count}) with identical values on every device.
   """
-  parts = {}
-  for mod in ("cxr", "ecg"):
-    total, count = tmcl_sum(emb[mod], emb[f"{mod}_text"], batch[f"{mod}_text_key"], scales[f"{mod}_text"],
-                            axis_name)
-    parts[f"tmcl_{mod}"] = _psum(total, axis_name) / count
-  total, num_linked = emcl_sum(emb["cxr"], emb["ecg"], batch["linked"], scales["cxr_ecg"],
-                               config.emcl_negatives, axis_name)
-  parts["emcl"] = _psum(total, axis_name) / jnp.maximum(num_linked, 1.0)
-  loss = parts["tmcl_cxr"] + parts["tmcl_ecg"] + config.emcl_weight * parts["emcl"]
-  parts["num_linked"] = num_linked
+  parts, loss = {}, jnp.zeros((), jnp.float32)
+  for edge in edges:
+    scale = scales[edge.logit_scale]
+    if edge.kind == "tmcl":
+      total, count = tmcl_sum(emb["inputs"][edge.modality], emb["reports"][edge.modality],
+                              batch["text_key"][edge.modality], scale, axis_name)
+      value = _psum(total, axis_name) / count
+    else:
+      total, count = pair_sum(emb["inputs"][edge.modalities[0]], emb["inputs"][edge.modalities[1]],
+                              batch["pair_mask"][edge.name], scale, edge.negatives, axis_name)
+      value = _psum(total, axis_name) / jnp.maximum(count, 1.0)
+      parts[f"num_pairs/{edge.name}"] = count
+    parts[f"loss/{edge.name}"] = value
+    loss = loss + edge.weight * value
   return loss, parts
 
 
-def sharded_medbind_loss(mesh: Mesh, config: LossConfig, axis_name: str = "data"):
-  """`medbind_loss` under `jax.shard_map`: batch arrays are split over `axis_name`, scales replicated.
+def sharded_objective(mesh: Mesh, edges: Sequence[Edge], axis_name: str = "data"):
+  """`objective` under `jax.shard_map`: batch arrays are split over `axis_name`, scales replicated.
 
-  The result is a function with the signature of `medbind_loss` minus `config`/`axis_name`, usable inside jit.
+  The result is a function of (emb, batch, scales) with `objective`'s result, usable inside jit.
   """
 
   def local(emb, batch, scales):
-    return medbind_loss(emb, batch, scales, config, axis_name=axis_name)
+    return objective(emb, batch, scales, edges, axis_name=axis_name)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(axis_name), P(axis_name), P()),
-                       out_specs=(P(), P()))
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(axis_name), P(axis_name), P()), out_specs=(P(), P()))

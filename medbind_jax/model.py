@@ -1,8 +1,9 @@
-"""The MEDBind model: one encoder tower per modality, projection heads into a shared L2-normalised space,
-and learnable logit scales.
+"""The MEDBind model: one encoder tower per modality, projection heads into a shared L2-normalised space, and
+learnable logit scales, all keyed by name.
 
-Parameter tree: {'cxr_encoder', 'ecg_encoder', 'text_encoder', 'cxr_head', 'ecg_head', 'text_head',
-'logit_scale'}. Every method is pure (`model.apply(variables, ..., method=...)`).
+Parameter tree: {'towers': {modality: ...}, 'heads': {modality: ...}, 'logit_scales': {temperature: []}}, e.g.
+`towers/cxr/...`, `heads/text/out/kernel`, `logit_scales/cxr_ecg`. Every method is pure
+(`model.apply(variables, ..., method=...)`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ from flax import linen as nn
 from medbind_jax import losses
 from medbind_jax.data import text
 from medbind_jax.models import build_encoder, hf_loading
-
-MODALITIES = ("cxr", "ecg", "text")
-
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
@@ -41,66 +39,86 @@ class ProjectionHead(nn.Module):
     return nn.Dense(self.embed_dim, dtype=self.dtype, name="out")(x).astype(jnp.float32)
 
 
+class Keyed(nn.Module):
+  """Submodules by name, with parameters under `<this module>/<name>/...` (a Flax dict field would name them
+  `<field>_<name>`)."""
+
+  members: Mapping[str, nn.Module]
+
+  def setup(self):
+    for name, module in self.members.items():
+      setattr(self, name, module.clone(name=name, parent=self))
+
+  def __getitem__(self, name: str) -> nn.Module:
+    return getattr(self, name)
+
+
+class LogitScales(nn.Module):
+  """One learnable temperature t per name; `__call__` gives s = exp(t) clipped at `max_scale` (no gradient past
+  the clip)."""
+
+  names: tuple[str, ...]
+  init_value: float
+  max_scale: float
+
+  @nn.compact
+  def __call__(self) -> dict[str, jax.Array]:
+    return {name: jnp.exp(jnp.minimum(self.param(name, nn.initializers.constant(self.init_value), ()),
+                                      math.log(self.max_scale))) for name in self.names}
+
+
 class MedBind(nn.Module):
-  """Tri-modal embedding model.
+  """Embedding model of any set of modalities.
 
   Attributes:
-    cxr_encoder, ecg_encoder, text_encoder: towers following the `medbind_jax.models` contract.
+    towers: modality -> tower following the `medbind_jax.models` contract ('text' embeds reports).
+    logit_scale_names: the learnable temperatures (edge names, or the names edges share).
     embed_dim: d, the shared space's dimension.
     head_hidden_dim: 0 for linear heads, else the MLP heads' hidden width.
-    per_edge_logit_scale: one learnable temperature per edge in `losses.EDGES`, else one shared.
     logit_scale_init, max_logit_scale: s = exp(t), t initialised to `logit_scale_init`, s clipped at the max.
     dtype: compute dtype of the projection heads.
   """
 
-  cxr_encoder: nn.Module
-  ecg_encoder: nn.Module
-  text_encoder: nn.Module
+  towers: Mapping[str, nn.Module]
+  logit_scale_names: tuple[str, ...]
   embed_dim: int = 256
   head_hidden_dim: int = 0
-  per_edge_logit_scale: bool = False
   logit_scale_init: float = math.log(1 / 0.07)
   max_logit_scale: float = 100.0
   dtype: Any = jnp.float32  # the heads' compute dtype; their output is float32
 
   def setup(self):
-    self.cxr_head = ProjectionHead(self.embed_dim, self.head_hidden_dim, self.dtype)
-    self.ecg_head = ProjectionHead(self.embed_dim, self.head_hidden_dim, self.dtype)
-    self.text_head = ProjectionHead(self.embed_dim, self.head_hidden_dim, self.dtype)
-    num_scales = len(losses.EDGES) if self.per_edge_logit_scale else 1
-    self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.logit_scale_init), (num_scales,))
+    self.tower_modules = Keyed(dict(self.towers), name="towers")
+    self.heads = Keyed({m: ProjectionHead(self.embed_dim, self.head_hidden_dim, self.dtype) for m in self.towers},
+                       name="heads")
+    self.logit_scales_module = LogitScales(tuple(self.logit_scale_names), self.logit_scale_init,
+                                           self.max_logit_scale, name="logit_scales")
 
-  def encoder(self, modality: str) -> nn.Module:
-    return {"cxr": self.cxr_encoder, "ecg": self.ecg_encoder, "text": self.text_encoder}[modality]
+  @property
+  def modalities(self) -> list[str]:
+    return sorted(self.towers)
 
   def features(self, modality: str, inputs, train: bool = False) -> jax.Array:
     """Tower output before the head: [B, width]."""
-    return self.encoder(modality)(inputs, train=train)["pooled"]
+    return self.tower_modules[modality](inputs, train=train)["pooled"]
 
   def project(self, modality: str, features: jax.Array) -> jax.Array:
     """Head + L2 normalisation: [B, width] -> [B, d] float32."""
-    head = {"cxr": self.cxr_head, "ecg": self.ecg_head, "text": self.text_head}[modality]
-    return l2_normalize(head(features))
+    return l2_normalize(self.heads[modality](features))
 
   def embed(self, modality: str, inputs, train: bool = False) -> jax.Array:
     """Inputs of one modality -> [B, d] unit vectors in the shared space."""
     return self.project(modality, self.features(modality, inputs, train))
 
   def logit_scales(self) -> dict[str, jax.Array]:
-    """Edge -> s = exp(t) clipped at `max_logit_scale` (no gradient past the clip)."""
-    scales = jnp.exp(jnp.minimum(self.logit_scale, math.log(self.max_logit_scale)))
-    return {edge: scales[i if self.per_edge_logit_scale else 0] for i, edge in enumerate(losses.EDGES)}
+    """Temperature name -> s = exp(t) clipped at `max_logit_scale`."""
+    return self.logit_scales_module()
 
   def init_heads(self):
     """Touches only the heads and logit scales, so `init(..., method=MedBind.init_heads)` creates just those."""
-    for modality in MODALITIES:
-      self.project(modality, jnp.zeros((1, self.encoder(modality).width), jnp.float32))
+    for modality in self.modalities:
+      self.project(modality, jnp.zeros((1, self.towers[modality].width), jnp.float32))
     return self.logit_scales()
-
-  def __call__(self, cxr, ecg, text, train: bool = False):
-    """Embeds one batch of each modality."""
-    return {"cxr": self.embed("cxr", cxr, train), "ecg": self.embed("ecg", ecg, train),
-            "text": self.embed("text", text, train)}
 
 
 def tower_kwargs(tower_config: ml_collections.ConfigDict) -> dict:
@@ -114,7 +132,7 @@ def tower_kwargs(tower_config: ml_collections.ConfigDict) -> dict:
 
 
 def build_tower(tower_config: ml_collections.ConfigDict, **defaults) -> tuple[nn.Module, Any]:
-  """(module, pretrained params or None) for one `config.model.<modality>` entry.
+  """(module, pretrained params or None) for one `config.model.towers.<modality>` entry.
 
   With `init` set (a local Hugging Face directory; 'minilm' for the packaged MiniLM), the module is shaped by
   the checkpoint's config.json with `kwargs` as overrides, and the weights are loaded strictly. `defaults`
@@ -130,9 +148,17 @@ def build_tower(tower_config: ml_collections.ConfigDict, **defaults) -> tuple[nn
   return build_encoder(tower_config.name, **kwargs), None
 
 
-def build_model(model_config: ml_collections.ConfigDict) -> tuple[MedBind, dict[str, Any]]:
-  """Builds MedBind from `config.model`; returns it with {modality: pretrained tower params} for the towers
-  that have an `init` checkpoint."""
+def build_model(config: ml_collections.ConfigDict) -> tuple[MedBind, dict[str, Any]]:
+  """Builds MedBind from `config.model` and the edges of `config.loss`; returns it with {modality: pretrained
+  tower params} for the towers that have an `init` checkpoint. Towers are built for the modalities the edges
+  name; each must have an entry in `config.model.towers`."""
+  model_config = config.model
+  edges = losses.edges_from_config(config.loss.edges, per_edge_logit_scale=model_config.per_edge_logit_scale)
+  needed = sorted({m for edge in edges for m in edge.modalities})
+  missing = [m for m in needed if m not in model_config.towers]
+  if missing:
+    raise ValueError(f"the loss edges use modalities {missing} that config.model.towers does not configure "
+                     f"(it has {sorted(model_config.towers)})")
   towers, pretrained = {}, {}
   # Model-wide switches: compute dtype (e.g. 'bfloat16'; parameters stay float32) and rematerialisation.
   defaults = {}
@@ -140,17 +166,15 @@ def build_model(model_config: ml_collections.ConfigDict) -> tuple[MedBind, dict[
     defaults["dtype"] = jnp.dtype(model_config.dtype)
   if model_config.get("remat"):
     defaults["remat"] = True
-  for modality in MODALITIES:
-    towers[modality], params = build_tower(model_config[modality], **defaults)
+  for modality in needed:
+    towers[modality], params = build_tower(model_config.towers[modality], **defaults)
     if params is not None:
       pretrained[modality] = params
   model = MedBind(
-      cxr_encoder=towers["cxr"],
-      ecg_encoder=towers["ecg"],
-      text_encoder=towers["text"],
+      towers=towers,
+      logit_scale_names=tuple(sorted({edge.logit_scale for edge in edges})),
       embed_dim=model_config.embed_dim,
       head_hidden_dim=model_config.head_hidden_dim,
-      per_edge_logit_scale=model_config.per_edge_logit_scale,
       logit_scale_init=model_config.logit_scale_init,
       max_logit_scale=model_config.max_logit_scale,
       dtype=defaults.get("dtype", jnp.float32),
@@ -161,16 +185,19 @@ def build_model(model_config: ml_collections.ConfigDict) -> tuple[MedBind, dict[
 def init_params(model: MedBind, rng: jax.Array, pretrained: Mapping[str, Any]) -> dict[str, Any]:
   """Parameters: the `pretrained` towers as loaded, the other towers, heads and logit scales at random.
 
-  Towers are initialised one by one, so a pretrained tower is never also initialised at random (for a BERT
+  Towers are initialised one by one (tower k, in sorted modality order, from the k-th of len(towers) + 1 keys;
+  the last key draws heads and scales), so a pretrained tower is never also initialised at random (for a BERT
   that would cost a large init program for nothing).
   """
-  tower_rngs = jax.random.split(rng, len(MODALITIES) + 1)
-  params = {}
-  for modality, tower_rng in zip(MODALITIES, tower_rngs):
+  modalities = model.modalities
+  tower_rngs = jax.random.split(rng, len(modalities) + 1)
+  towers = {}
+  for modality, tower_rng in zip(modalities, tower_rngs):
     if modality in pretrained:
-      params[f"{modality}_encoder"] = pretrained[modality]
+      towers[modality] = pretrained[modality]
     else:
-      tower = model.encoder(modality)
-      params[f"{modality}_encoder"] = jax.jit(tower.init)(tower_rng, tower.example_inputs(1))["params"]
+      tower = model.towers[modality]
+      towers[modality] = jax.jit(tower.init)(tower_rng, tower.example_inputs(1))["params"]
+  params = {"towers": towers}
   params.update(jax.jit(lambda r: model.init(r, method=MedBind.init_heads))(tower_rngs[-1])["params"])
   return flax.core.unfreeze(params)

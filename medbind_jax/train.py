@@ -8,7 +8,6 @@ call; `evaluate_checkpoint(config, workdir)` is `main.py --mode=eval`.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -28,16 +27,15 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from medbind_jax import evaluators, losses, metric_writer, optim
-from medbind_jax.data import pipeline, preprocess, schema
+from medbind_jax import evaluators, losses, metric_writer, optim, runs
+from medbind_jax.data import codecs, pipeline
 from medbind_jax.data import text as text_lib
 from medbind_jax.evaluators import common, retrieval
-from medbind_jax.model import MedBind, build_model, init_params
+from medbind_jax.model import MedBind, build_model
 
 log = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
-CONFIG_FILE = "config.json"  # the run's config, saved in its workdir
 
 
 @flax.struct.dataclass
@@ -50,15 +48,6 @@ class TrainState:
 # ------------------------------------------------------------------------------------------------------------------
 # Helpers (each one step of the recipe below)
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def data_specs(config) -> tuple[preprocess.CxrSpec, preprocess.EcgSpec]:
-  cxr = config.data.cxr
-  ecg = config.data.ecg
-  return (preprocess.CxrSpec(image_size=cxr.image_size, channels=cxr.channels, mean=cxr.mean, std=cxr.std,
-                             crop_scale=tuple(cxr.crop_scale), jitter=cxr.jitter),
-          preprocess.EcgSpec(sampling_rate=ecg.sampling_rate, num_samples=ecg.num_samples, scale_mv=ecg.scale_mv,
-                             amplitude_jitter=ecg.amplitude_jitter, noise_mv=ecg.noise_mv))
 
 
 def prepare_data(config) -> str:
@@ -76,11 +65,6 @@ def prepare_data(config) -> str:
   return data_dir
 
 
-def text_trunk_fn(model: MedBind):
-  """jit(params of the text tower, token inputs) -> pooled features [B, width]."""
-  return jax.jit(lambda text_params, tokens: model.text_encoder.apply({"params": text_params}, tokens)["pooled"])
-
-
 def build_text_table(model: MedBind, text_params, texts: list[str], tokenize: text_lib.Tokenize, cache_dir: str,
                      batch_size: int = 128) -> np.ndarray:
   """[len(texts), width] frozen text-trunk features, computed once per unique text and cached on disk.
@@ -95,11 +79,11 @@ def build_text_table(model: MedBind, text_params, texts: list[str], tokenize: te
   path = os.path.join(cache_dir, f"text_features_{digest.hexdigest()[:20]}.npy")
   if os.path.exists(path):
     return np.load(path)
-  trunk = text_trunk_fn(model)
+  trunk = runs.text_trunk_fn(model)
   tokens = tokenize(texts)
   lengths = tokens["attention_mask"].sum(1)
   order = np.argsort(lengths, kind="stable")
-  table = np.zeros((len(texts), model.text_encoder.width), np.float32)
+  table = np.zeros((len(texts), model.towers[codecs.TEXT].width), np.float32)
   for start in tqdm.trange(0, len(texts), batch_size, desc="text features", unit="batch", leave=False,
                            disable=jax.process_index() != 0):
     rows = order[start:start + batch_size]
@@ -115,48 +99,9 @@ def build_text_table(model: MedBind, text_params, texts: list[str], tokenize: te
   return table
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config `train_and_evaluate` saved in `workdir` (JSON: tuples come back as lists)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: is {workdir!r} the workdir of a training run?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def initial_params(config, model: MedBind, pretrained) -> dict:
-  """The parameters a run of `config` starts from: pretrained towers as loaded, the rest drawn from the second
-  key of `key(config.seed)` split in two (the first drives dropout). Evaluation and inference rebuild a frozen
-  text trunk, which checkpoints leave out, from here."""
-  _, init_rng = jax.random.split(jax.random.key(config.seed))
-  return init_params(model, init_rng, pretrained)
-
-
-def make_tokenize(config) -> text_lib.Tokenize:
-  tokenizer_dir = config.model.text.get("tokenizer") or config.model.text.init
-  if not tokenizer_dir:
-    raise ValueError("set model.text.init (pretrained text tower) or model.text.tokenizer (a local tokenizer dir)")
-  return text_lib.Tokenize(text_lib.resolve_pretrained(tokenizer_dir), config.data.text_max_length)
-
-
 def cache_dir(config, workdir: str) -> str:
   """Where derived data that several runs can share (text features) is kept."""
   return config.get("cache_dir") or os.path.join(workdir, "cache")
-
-
-def make_embed_fns(model: MedBind, text_mode: str, text_params, tokenize: text_lib.Tokenize,
-                   batch_size: int) -> common.EmbedFns:
-  """Evaluation embedding functions of `params` (the trainable tree; frozen text trunk params held here)."""
-  embed_cxr = jax.jit(lambda p, x: model.apply({"params": p}, "cxr", x, method=MedBind.embed))
-  embed_ecg = jax.jit(lambda p, x: model.apply({"params": p}, "ecg", x, method=MedBind.embed))
-  if text_mode == "cached":
-    trunk = text_trunk_fn(model)
-    project = jax.jit(lambda p, f: model.apply({"params": p}, "text", f, method=MedBind.project))
-    embed_text = lambda p, texts: project(p, trunk(text_params, tokenize(texts)))
-  else:
-    embed_tokens = jax.jit(lambda p, t: model.apply({"params": p}, "text", t, method=MedBind.embed))
-    embed_text = lambda p, texts: embed_tokens(p, tokenize(texts))
-  return common.EmbedFns(cxr=embed_cxr, ecg=embed_ecg, text=embed_text, batch_size=batch_size)
 
 
 def local_copy(tree):
@@ -167,10 +112,21 @@ def local_copy(tree):
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                          enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+  return ocp.CheckpointManager(runs.workdir_path(workdir) / runs.CHECKPOINT_DIR, options=options,
                                item_names=("state", "data"),
                                item_handlers={"state": ocp.StandardCheckpointHandler(),
                                               "data": grain.checkpoint.CheckpointHandler()})
+
+
+def refuse_old_layout(checkpoint_dir, step: int) -> None:
+  """Raises when checkpoint `step` has the parameter layout from before keyed modalities: its optimiser state
+  cannot be resumed (its parameters can be evaluated and embedded: `runs.restore_params` migrates them)."""
+  if runs.is_old_layout(runs.checkpoint_params_tree(checkpoint_dir, step)):
+    raise ValueError(
+        f"{checkpoint_dir} step {step} was written before modalities were keyed by name (parameters "
+        "cxr_encoder/..., logit_scale [3]); training cannot resume from it, as its optimiser state is in the old "
+        "layout. It still evaluates (--mode=eval) and embeds (medbind_jax.inference), which migrate its parameters "
+        "on load. To train on, start a new workdir.")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -195,8 +151,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  own_steps = runs.checkpoint_steps(workdir)
+  if own_steps:  # before anything is written into the workdir
+    refuse_old_layout(runs.workdir_path(workdir) / runs.CHECKPOINT_DIR, own_steps[-1])
   if is_main:  # what `--mode=eval` and `medbind_jax.inference` rebuild the model from
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    with open(os.path.join(workdir, runs.CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   writer = metric_writer.MetricWriter(workdir)
   rng = jax.random.key(config.seed)
@@ -211,31 +170,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError(f"data.batch_size={n} must be divisible by the number of devices ({jax.device_count()})")
 
   # ---- Input -----------------------------------------------------------------------------------------------------
+  # The loss edges decide what a batch holds: rows of every modality they use, the reports of the tmcl edges'
+  # modalities, and a mask of linked rows per pair edge.
+  edges = runs.edges(config)
+  layout = pipeline.Layout.from_edges(edges)
   data_dir = prepare_data(config)
   train_index = pipeline.index_split(data_dir, config.data.train_split, skip_corrupt=config.data.skip_corrupt,
                                      progress=is_main)
-  cxr_spec, ecg_spec = data_specs(config)
   batch_spec = pipeline.BatchSpec(n, m, jax.process_index(), jax.process_count())
 
   # ---- Model -----------------------------------------------------------------------------------------------------
-  model, pretrained = build_model(config.model)
-  rng, _ = jax.random.split(rng)  # the second key is initial_params'
-  params = initial_params(config, model, pretrained)
-  text_mode = config.model.text.trunk
-  if text_mode not in ("cached", "train"):
-    raise ValueError(f"model.text.trunk must be 'cached' or 'train', got {text_mode!r}")
-  tokenize = make_tokenize(config)
+  model, pretrained = build_model(config)
+  rng, _ = jax.random.split(rng)  # the second key is runs.initial_params'
+  params = runs.initial_params(config, model, pretrained)
+  text_mode = runs.text_mode(config)
+  tokenize = runs.make_tokenize(config)
   text_params, text_table = None, jnp.zeros((0,), jnp.float32)
   if text_mode == "cached":
     # The frozen trunk leaves the trained parameters; its output is a table row per unique training report.
-    text_params = params.pop("text_encoder")
-    texts = sorted({r.cxr_report for r in train_index.records if r.has_cxr}
-                   | {r.ecg_report for r in train_index.records if r.has_ecg})
+    text_params = params["towers"].pop(codecs.TEXT)
+    texts = sorted({r.reports[mod] for r in train_index.records for mod in layout.report_modalities if r.has(mod)})
     text_table = build_text_table(model, text_params, texts, tokenize, cache_dir(config, workdir))
     text_inputs = text_lib.TableRows({t: i for i, t in enumerate(texts)})
   else:
     text_inputs = tokenize
-  dataset = pipeline.train_dataset(train_index, text_inputs, batch_spec, cxr=cxr_spec, ecg=ecg_spec,
+  dataset = pipeline.train_dataset(train_index, text_inputs, batch_spec, layout, specs=runs.data_specs(config),
                                    seed=config.seed, augment=config.data.augment)
   train_iter = pipeline.train_iterator(dataset, num_threads=config.data.num_threads, prefetch=config.data.prefetch)
 
@@ -258,6 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                                         "data": grain.checkpoint.CheckpointHandler()})
   if restore_from is not None:
     step = restore_from.latest_step()
+    refuse_old_layout(restore_from.directory, step)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = restore_from.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(train_iter)))
@@ -267,8 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start_step = int(state.step)
 
   # ---- Update step -----------------------------------------------------------------------------------------------
-  loss_config = losses.LossConfig(emcl_weight=config.loss.emcl_weight, emcl_negatives=config.loss.emcl_negatives)
-  sharded_loss = losses.sharded_medbind_loss(mesh, loss_config, DATA_AXIS)
+  objective = losses.sharded_objective(mesh, edges, DATA_AXIS)
 
   def train_step(state: TrainState, batch: dict, text_table: jax.Array):
     step_rng = jax.random.fold_in(rng, state.step)
@@ -280,17 +239,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         return model.apply(variables, modality, inputs, True, method=MedBind.embed,
                            rngs={"dropout": jax.random.fold_in(step_rng, salt)})
 
-      if text_mode == "cached":
-        text_feats = text_table[jnp.concatenate([batch["cxr_text"]["row"], batch["ecg_text"]["row"]])]
-        text_emb = model.apply(variables, "text", text_feats, method=MedBind.project)
-      else:  # one pass of the text tower over both report batches
-        text_emb = embed("text", jax.tree.map(lambda a, b: jnp.concatenate([a, b]), batch["cxr_text"],
-                                              batch["ecg_text"]), 2)
-      cxr_text, ecg_text = jnp.split(text_emb, 2)
-      emb = {"cxr": embed("cxr", batch["cxr"], 0), "ecg": embed("ecg", batch["ecg"], 1),
-             "cxr_text": cxr_text, "ecg_text": ecg_text}
+      emb = {"inputs": {mod: embed(mod, batch["inputs"][mod], k) for k, mod in enumerate(layout.modalities)}}
+      # One pass of the text tower (or one table lookup) over the reports of every tmcl modality.
+      reports = [batch["reports"][mod] for mod in layout.report_modalities]
+      if not reports:
+        text_emb = []
+      elif text_mode == "cached":
+        text_feats = text_table[jnp.concatenate([r["row"] for r in reports])]
+        text_emb = model.apply(variables, codecs.TEXT, text_feats, method=MedBind.project)
+      else:
+        text_emb = embed(codecs.TEXT, jax.tree.map(lambda *a: jnp.concatenate(a), *reports), len(layout.modalities))
+      emb["reports"] = dict(zip(layout.report_modalities, jnp.split(text_emb, len(reports)) if reports else []))
       scales = model.apply(variables, method=MedBind.logit_scales)
-      loss, parts = sharded_loss(emb, {k: batch[k] for k in ("cxr_text_key", "ecg_text_key", "linked")}, scales)
+      loss, parts = objective(emb, {k: batch[k] for k in ("text_key", "pair_mask")}, scales)
       return loss, (parts, scales)
 
     (loss, (parts, scales)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -298,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step),
-               **{f"logit_scale/{edge}": s for edge, s in scales.items()}}
+               **{f"logit_scale/{name}": s for name, s in scales.items()}}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   train_step = jax.jit(train_step, in_shardings=(replicated, data_sharding, replicated),
@@ -315,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ---- Loop ------------------------------------------------------------------------------------------------------
   # The loss of step s is read while step s+1 runs, so checking it never stalls the device.
-  examples_per_step = 2 * n  # n CXR-text pairs and n ECG-text pairs
+  examples_per_step = n * len(layout.modalities)  # n rows of every input modality
   pending: tuple[int, Any] | None = None
   history: list[dict[str, float]] = []
   timer = {"data": 0.0, "start": time.perf_counter(), "steps": 0}
@@ -386,11 +347,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def make_eval_suite(config, model: MedBind, text_mode: str, text_params, tokenize) -> evaluators.Suite:
   """The evaluators `config.eval.evaluators` names, over `config.data.eval_split` (indexed once)."""
-  cxr_spec, ecg_spec = data_specs(config)
   index = pipeline.index_split(config.data.dir, config.data.eval_split, skip_corrupt=config.data.skip_corrupt,
                                progress=jax.process_index() == 0)
-  fns = make_embed_fns(model, text_mode, text_params, tokenize, config.eval.batch_size)
-  return evaluators.build(config.eval, common.SplitEmbedder(fns, index, cxr=cxr_spec, ecg=ecg_spec))
+  fns = runs.make_embed_fns(model, text_mode, text_params, tokenize, config.eval.batch_size)
+  edges = runs.edges(config)
+  data = common.SplitEmbedder(fns, index, runs.data_specs(config),
+                              report_modalities=[e.modality for e in edges if e.kind == "tmcl"])
+  return evaluators.build(config.eval, data, edges)
 
 
 def evaluate(config, workdir: str, suite: evaluators.Suite, params, step: int) -> dict[str, float]:
@@ -416,33 +379,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   evaluation settings (`config.eval`) from `config`, so a finished run can be re-evaluated with other evaluators or
   another protocol.
   """
-  if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-    run_config = load_run_config(workdir)
+  if os.path.exists(os.path.join(workdir, runs.CONFIG_FILE)):
+    run_config = runs.load_run_config(workdir)
     run_config.eval = ml_collections.ConfigDict(config.eval.to_dict())
   else:
     log.warning("%s has no config.json: rebuilding the model from --config as given", workdir)
     run_config = config
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise FileNotFoundError(f"no checkpoints in {workdir}: train there first (--mode=train)")
-  manager = checkpoint_manager(workdir, run_config)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no finished checkpoint in {manager.directory}")
+  if not runs.checkpoint_steps(workdir):
+    raise FileNotFoundError(f"no finished checkpoint in {os.path.join(workdir, runs.CHECKPOINT_DIR)}: train there "
+                            "first (--mode=train)")
   prepare_data(run_config)
-
-  # The parameters the run started from, as train_and_evaluate made them: the frozen text trunk (model.text.trunk =
-  # "cached") is not in the checkpoint and comes from here. Then the checkpoint's state, on this process's device.
-  model, pretrained = build_model(run_config.model)
-  params = initial_params(run_config, model, pretrained)
-  text_mode = run_config.model.text.trunk
-  text_params = params.pop("text_encoder") if text_mode == "cached" else None
-  tx, _ = optim.make_optimizer(run_config, params)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                            params)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-  log.info("evaluating step %d of %s", step, manager.directory)
-
-  suite = make_eval_suite(run_config, model, text_mode, text_params, make_tokenize(run_config))
-  return {**evaluate(run_config, workdir, suite, state.params, step), "step": float(step)}
+  # The trained parameters alone (the frozen text trunk, which checkpoints leave out, is rebuilt as the run made it).
+  run_config, model, params, text_params, step = runs.load_trained(workdir, config=run_config)
+  log.info("evaluating step %d of %s", step, workdir)
+  suite = make_eval_suite(run_config, model, runs.text_mode(run_config), text_params, runs.make_tokenize(run_config))
+  return {**evaluate(run_config, workdir, suite, params, step), "step": float(step)}

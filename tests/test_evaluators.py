@@ -27,7 +27,8 @@ class FakeData:
 
   def __init__(self, label_names, emb, labels, patients, text_vectors=None, report_keys=None):
     self.label_names = label_names
-    self.num_records = {m: len(emb.get(m, [])) for m in ("cxr", "ecg")}
+    self.modalities = self.report_modalities = sorted(label_names)
+    self.num_records = {m: len(emb.get(m, [])) for m in self.modalities}
     self.index = types.SimpleNamespace(split="test", data_dir="constructed")
     self.patients, self.text_vectors = patients, text_vectors or {}
     self._emb, start = {}, 0
@@ -281,11 +282,15 @@ def test_retrieval_on_identical_text_and_modality_embeddings_is_perfect():
   emb = np.stack([report_vectors[str(k)] for k in keys.tolist()])
   data = FakeData({"cxr": [], "ecg": []}, {"cxr": emb, "ecg": emb}, {"cxr": np.zeros((n, 0)), "ecg": np.zeros((n, 0))},
                   [str(i) for i in range(2 * n)], report_vectors, {"cxr": keys, "ecg": keys})
-  data.index.records = [types.SimpleNamespace(linked=False)] * (2 * n)
-  results = retrieval.RetrievalEvaluator(data, ks=(1,)).run(None)
+  data.index.linked_pool = lambda modalities: np.zeros(0, np.int64)  # no linked records
+  evaluator = retrieval.RetrievalEvaluator(data, ["cxr", "ecg"], [("cxr", "ecg")], ks=(1,))
+  results = evaluator.run(None)
   assert results["retrieval/cxr_to_text/R@1"] == 1.0 and results["retrieval/text_to_ecg/R@1"] == 1.0
   assert results["retrieval/cxr_to_text/gallery_size"] == 4
   assert results["retrieval/rsum"] == 400.0
+  # The pair edge's directions are left out with the reason, not scored on an empty gallery.
+  assert not any("cxr_to_ecg" in k for k in results) and evaluator.notes == [
+      "cxr<->ecg: the split has no linked records with both"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import wfdb
 from PIL import Image
 
-from medbind_jax import embed, inference, train
+from medbind_jax import embed, inference, runs, train
 from medbind_jax.data import pipeline, preprocess, schema
 from medbind_jax.model import MedBind, build_model
 from test_train import tiny_config
@@ -64,24 +64,24 @@ def _unit_rows(x):
 def test_embeddings_equal_the_training_evaluation_path(run, embedder):
   config, workdir, data_dir = run
   assert embedder.step == STEPS and embedder.batch_size == config.eval.batch_size
-  model, _ = build_model(config.model)
+  model, _ = build_model(config)
   params = _checkpoint_params(workdir, STEPS)
-  cxr_spec, ecg_spec = train.data_specs(config)
-  fns = train.make_embed_fns(model, "cached", None, None, config.eval.batch_size)
+  specs = runs.data_specs(config)
+  fns = runs.make_embed_fns(model, "cached", None, None, config.eval.batch_size)
   index = pipeline.index_split(data_dir, "train", progress=False)
-  reader = pipeline.ExampleReader(index, cxr_spec, ecg_spec)
+  reader = pipeline.ExampleReader(index, specs)
   for modality in ("cxr", "ecg"):
     want, records = [], []
-    for batch in pipeline.eval_batches(index, modality, config.eval.batch_size, cxr=cxr_spec, ecg=ecg_spec):
-      want.append(np.asarray(getattr(fns, modality)(params, batch[modality]))[batch["valid"]])
+    for batch in pipeline.eval_batches(index, modality, config.eval.batch_size, specs[modality]):
+      want.append(np.asarray(fns.inputs[modality](params, batch["inputs"]))[batch["valid"]])
       records += batch["index"][batch["valid"]].tolist()
     want = np.concatenate(want)
-    encounters = [reader.encounter(i) for i in records]
+    parts = [reader.encounter(i).part(modality) for i in records]
     if modality == "cxr":  # the stored PNG bytes, as a user would pass a file's contents
-      got = embedder.embed_cxr([enc.cxr_image for enc in encounters])
+      got = embedder.embed_cxr([part.data for part in parts])
     else:  # millivolt arrays at the stored 100 Hz: resampled to the run's 50 Hz like the training data
-      assert {enc.ecg_sampling_rate for enc in encounters} == {100.0} and ecg_spec.sampling_rate == 50.0
-      got = embedder.embed_ecg([preprocess.record_ecg_mv(enc) for enc in encounters], sampling_rate=100.0,
+      assert {part.data.sampling_rate for part in parts} == {100.0} and specs["ecg"].sampling_rate == 50.0
+      got = embedder.embed_ecg([part.data.signal_mv() for part in parts], sampling_rate=100.0,
                                leads=list(schema.LEADS_12))
     assert got.shape == (32, config.model.embed_dim)
     _unit_rows(got)
@@ -89,7 +89,7 @@ def test_embeddings_equal_the_training_evaluation_path(run, embedder):
 
   # Text: the frozen random trunk is not in the checkpoint; training cached its output per unique report, so
   # the embedding of those reports is the head applied to that table.
-  texts = sorted({r.cxr_report for r in index.records} | {r.ecg_report for r in index.records})
+  texts = sorted({r.reports["cxr"] for r in index.records} | {r.reports["ecg"] for r in index.records})
   (table_file,) = glob.glob(os.path.join(workdir, "cache", "text_features_*.npy"))
   want = np.asarray(model.apply({"params": params}, "text", np.load(table_file), method=MedBind.project))
   got = embedder.embed_text(texts)
@@ -99,15 +99,15 @@ def test_embeddings_equal_the_training_evaluation_path(run, embedder):
 
 def test_a_chosen_step_is_loaded(run, embedder):
   config, workdir, _ = run
-  assert inference.checkpoint_steps(workdir) == [2, 4]
+  assert runs.checkpoint_steps(workdir) == [2, 4]
   early = inference.Embedder.load(workdir, step=2)
   assert early.step == 2
-  model, _ = build_model(config.model)
-  fns = train.make_embed_fns(model, "cached", None, None, config.eval.batch_size)
-  images = np.stack([preprocess.preprocess_cxr(open(p, "rb").read(), early.cxr_spec) for p in CXR_FILES])
+  model, _ = build_model(config)
+  fns = runs.make_embed_fns(model, "cached", None, None, config.eval.batch_size)
+  images = np.stack([preprocess.preprocess_cxr(open(p, "rb").read(), early.specs["cxr"]) for p in CXR_FILES])
   padded = np.concatenate([images, np.zeros((config.eval.batch_size - len(images),) + images.shape[1:],
                                             np.float32)])
-  want = np.asarray(fns.cxr(_checkpoint_params(workdir, 2), padded))[:len(images)]
+  want = np.asarray(fns.inputs["cxr"](_checkpoint_params(workdir, 2), padded))[:len(images)]
   np.testing.assert_allclose(early.embed_cxr(CXR_FILES), want, atol=1e-6)
   assert not np.allclose(embedder.embed_cxr(CXR_FILES), want, atol=1e-3)  # step 4 is another model
   with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 3 .*\[2, 4\]"):
@@ -159,7 +159,7 @@ def _band_limited_ecg(rate: float, seconds: float = 2.0) -> np.ndarray:
 
 
 def test_ecg_at_another_sampling_rate_is_resampled(embedder):
-  assert embedder.ecg_spec.sampling_rate == 50.0 and embedder.ecg_spec.num_samples == 100
+  assert embedder.specs["ecg"].sampling_rate == 50.0 and embedder.specs["ecg"].num_samples == 100
   native = embedder.embed_ecg([_band_limited_ecg(50.0)], sampling_rate=50.0)
   for rate in (500.0, 360.0, 257.0):  # integer and non-integer rate ratios
     resampled = embedder.embed_ecg([_band_limited_ecg(rate)], sampling_rate=rate)

@@ -1,4 +1,5 @@
-"""TMCL / EMCL against an independent plain-numpy implementation, and sharded == single-device."""
+"""TMCL / EMCL (tmcl and pair edges) against an independent plain-numpy implementation, and sharded ==
+single-device."""
 
 import jax
 import jax.numpy as jnp
@@ -57,10 +58,18 @@ def _problem(n, d, seed, num_linked, distinct=False):
   ecg_texts = [vocab[k] for k in (rng.permutation(n) if distinct else rng.integers(0, len(vocab), n))]
   linked = np.zeros(n, bool)
   linked[rng.choice(n, num_linked, replace=False)] = True
-  emb = {k: _unit(rng, n, d) for k in ("cxr", "cxr_text", "ecg", "ecg_text")}
-  batch = {"cxr_text_key": _text_keys(cxr_texts), "ecg_text_key": _text_keys(ecg_texts), "linked": linked}
+  emb = {"inputs": {m: _unit(rng, n, d) for m in ("cxr", "ecg")},
+         "reports": {m: _unit(rng, n, d) for m in ("cxr", "ecg")}}
+  batch = {"text_key": {"cxr": _text_keys(cxr_texts), "ecg": _text_keys(ecg_texts)},
+           "pair_mask": {"cxr_ecg": linked}}
   scales = {"cxr_text": np.float32(9.0), "ecg_text": np.float32(11.0), "cxr_ecg": np.float32(7.5)}
   return emb, batch, scales, cxr_texts, ecg_texts
+
+
+def _edges(emcl_weight=1.0, negatives="linked"):
+  """MEDBind's objective as edges: the default of configs/medbind.py."""
+  return (losses.Edge("cxr_text", ("cxr", "text"), "tmcl"), losses.Edge("ecg_text", ("ecg", "text"), "tmcl"),
+          losses.Edge("cxr_ecg", ("cxr", "ecg"), "pair", weight=emcl_weight, negatives=negatives))
 
 
 @pytest.mark.parametrize("num_linked", [0, 1, 5, 16])
@@ -68,23 +77,24 @@ def _problem(n, d, seed, num_linked, distinct=False):
 def test_loss_matches_numpy(num_linked, negatives):
   emb, batch, scales, cxr_texts, ecg_texts = _problem(16, 8, seed=num_linked, num_linked=num_linked)
   assert len(set(cxr_texts)) < len(cxr_texts)  # the case of interest: duplicate reports
-  cfg = losses.LossConfig(emcl_weight=0.7, emcl_negatives=negatives)
-  loss, parts = jax.jit(lambda e, b, s: losses.medbind_loss(e, b, s, cfg))(emb, batch, scales)
-  want_cxr = np_tmcl(emb["cxr"], emb["cxr_text"], cxr_texts, 9.0)
-  want_ecg = np_tmcl(emb["ecg"], emb["ecg_text"], ecg_texts, 11.0)
-  want_emcl = np_emcl(emb["cxr"], emb["ecg"], batch["linked"], 7.5, negatives)
-  np.testing.assert_allclose(parts["tmcl_cxr"], want_cxr, rtol=1e-5)
-  np.testing.assert_allclose(parts["tmcl_ecg"], want_ecg, rtol=1e-5)
-  np.testing.assert_allclose(parts["emcl"], want_emcl, rtol=1e-5, atol=1e-7)
+  edges = _edges(emcl_weight=0.7, negatives=negatives)
+  loss, parts = jax.jit(lambda e, b, s: losses.objective(e, b, s, edges))(emb, batch, scales)
+  z, u = emb["inputs"], emb["reports"]
+  want_cxr = np_tmcl(z["cxr"], u["cxr"], cxr_texts, 9.0)
+  want_ecg = np_tmcl(z["ecg"], u["ecg"], ecg_texts, 11.0)
+  want_emcl = np_emcl(z["cxr"], z["ecg"], batch["pair_mask"]["cxr_ecg"], 7.5, negatives)
+  np.testing.assert_allclose(parts["loss/cxr_text"], want_cxr, rtol=1e-5)
+  np.testing.assert_allclose(parts["loss/ecg_text"], want_ecg, rtol=1e-5)
+  np.testing.assert_allclose(parts["loss/cxr_ecg"], want_emcl, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(loss, want_cxr + want_ecg + 0.7 * want_emcl, rtol=1e-5)
-  assert int(parts["num_linked"]) == num_linked
+  assert int(parts["num_pairs/cxr_ecg"]) == num_linked
 
 
 def test_zero_linked_gives_zero_emcl_and_finite_gradients():
   emb, batch, scales, _, _ = _problem(8, 4, seed=3, num_linked=0)
-  cfg = losses.LossConfig(emcl_negatives="linked")
-  grads = jax.grad(lambda e, s: losses.medbind_loss(e, batch, s, cfg)[1]["emcl"], argnums=(0, 1))(emb, scales)
-  assert float(losses.medbind_loss(emb, batch, scales, cfg)[1]["emcl"]) == 0.0
+  edges = _edges(negatives="linked")
+  grads = jax.grad(lambda e, s: losses.objective(e, batch, s, edges)[1]["loss/cxr_ecg"], argnums=(0, 1))(emb, scales)
+  assert float(losses.objective(emb, batch, scales, edges)[1]["loss/cxr_ecg"]) == 0.0
   for g in jax.tree.leaves(grads):
     assert np.all(np.isfinite(g)) and np.all(np.asarray(g) == 0)
 
@@ -92,9 +102,10 @@ def test_zero_linked_gives_zero_emcl_and_finite_gradients():
 def test_distinct_texts_reduce_to_clip():
   emb, batch, scales, cxr_texts, _ = _problem(12, 6, seed=1, num_linked=4, distinct=True)
   assert len(set(cxr_texts)) == len(cxr_texts)
-  total, count = losses.tmcl_sum(emb["cxr"], emb["cxr_text"], batch["cxr_text_key"], scales["cxr_text"])
+  z, u = emb["inputs"]["cxr"], emb["reports"]["cxr"]
+  total, count = losses.tmcl_sum(z, u, batch["text_key"]["cxr"], scales["cxr_text"])
   # CLIP: text i is the only positive of image i, so the labels are the positions of each row's own text.
-  logits = scales["cxr_text"] * emb["cxr"] @ emb["cxr_text"].T
+  logits = scales["cxr_text"] * z @ u.T
   labels = jnp.arange(12)
   clip = 0.5 * (jnp.mean(-jax.nn.log_softmax(logits, axis=1)[labels, labels])
                 + jnp.mean(-jax.nn.log_softmax(logits.T, axis=1)[labels, labels]))
@@ -104,10 +115,11 @@ def test_distinct_texts_reduce_to_clip():
 def test_duplicates_change_the_loss():
   """Guards against a TMCL that ignores the positive sets: merging texts must change the value."""
   emb, batch, scales, _, _ = _problem(12, 6, seed=1, num_linked=4, distinct=True)
-  merged = batch["cxr_text_key"].copy()
+  z, u = emb["inputs"]["cxr"], emb["reports"]["cxr"]
+  merged = batch["text_key"]["cxr"].copy()
   merged[1] = merged[0]
-  a = losses.tmcl_sum(emb["cxr"], emb["cxr_text"], batch["cxr_text_key"], scales["cxr_text"])[0]
-  b = losses.tmcl_sum(emb["cxr"], emb["cxr_text"], merged, scales["cxr_text"])[0]
+  a = losses.tmcl_sum(z, u, batch["text_key"]["cxr"], scales["cxr_text"])[0]
+  b = losses.tmcl_sum(z, u, merged, scales["cxr_text"])[0]
   assert abs(float(a) - float(b)) > 1e-3
 
 
@@ -116,12 +128,12 @@ def test_duplicates_change_the_loss():
 def test_sharded_equals_single_device(num_devices, negatives):
   assert jax.device_count() >= 8, "tests/conftest.py must force 8 CPU devices"
   emb, batch, scales, _, _ = _problem(32, 8, seed=num_devices, num_linked=11)
-  cfg = losses.LossConfig(emcl_weight=1.3, emcl_negatives=negatives)
+  edges = _edges(emcl_weight=1.3, negatives=negatives)
   mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:num_devices])
-  sharded = losses.sharded_medbind_loss(mesh, cfg)
+  sharded = losses.sharded_objective(mesh, edges)
 
   def single(e, s):
-    return losses.medbind_loss(e, batch, s, cfg)[0]
+    return losses.objective(e, batch, s, edges)[0]
 
   def multi(e, s):
     return sharded(e, batch, s)[0]
@@ -129,7 +141,46 @@ def test_sharded_equals_single_device(num_devices, negatives):
   want, want_grads = jax.jit(jax.value_and_grad(single, argnums=(0, 1)))(emb, scales)
   got, got_grads = jax.jit(jax.value_and_grad(multi, argnums=(0, 1)))(emb, scales)
   np.testing.assert_allclose(got, want, rtol=1e-5)
-  for path, g in jax.tree_util.tree_leaves_with_path(got_grads):
-    w = want_grads[path[0].idx][path[1].key]
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
     assert np.abs(np.asarray(w)).max() > 0, path
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
+def test_edges_from_config_and_bad_edges_are_explained():
+  config = {"b_text": {"modalities": ("text", "b"), "kind": "tmcl", "weight": 1.0},
+            "a_b": {"modalities": ("a", "b"), "kind": "pair", "weight": 0.5, "negatives": "all"}}
+  edges = losses.edges_from_config(config)
+  assert [e.name for e in edges] == ["a_b", "b_text"]  # sorted by name
+  assert edges[1].modalities == ("b", "text") and edges[1].modality == "b"  # tmcl: (modality, text)
+  assert [e.logit_scale for e in edges] == ["a_b", "b_text"]  # one temperature per edge by default
+  shared = losses.edges_from_config(config, per_edge_logit_scale=False)
+  assert {e.logit_scale for e in shared} == {"shared"}
+  with pytest.raises(ValueError, match="binds a modality to 'text'"):
+    losses.Edge("x", ("a", "b"), "tmcl")
+  with pytest.raises(ValueError, match="two non-text modalities"):
+    losses.Edge("x", ("a", "text"), "pair")
+  with pytest.raises(ValueError, match="kind must be one of"):
+    losses.Edge("x", ("a", "b"), "triplet")
+  with pytest.raises(ValueError, match="empty"):
+    losses.edges_from_config({})
+
+
+def test_a_fourth_modality_adds_its_edges_to_the_objective():
+  """Edges over any names: a 'labs' modality with its own tmcl edge and a pair edge to ECG."""
+  emb, batch, scales, _, ecg_texts = _problem(16, 8, seed=5, num_linked=6)
+  rng = np.random.default_rng(9)
+  lab_texts = [f"labs {k}" for k in rng.integers(0, 4, 16)]
+  emb["inputs"]["labs"], emb["reports"]["labs"] = _unit(rng, 16, 8), _unit(rng, 16, 8)
+  batch["text_key"]["labs"] = _text_keys(lab_texts)
+  batch["pair_mask"]["labs_ecg"] = batch["pair_mask"]["cxr_ecg"]
+  scales = {**scales, "labs_text": np.float32(5.0), "labs_ecg": np.float32(6.0)}
+  edges = _edges() + (losses.Edge("labs_text", ("labs", "text"), "tmcl", weight=0.5),
+                      losses.Edge("labs_ecg", ("labs", "ecg"), "pair", weight=2.0))
+  loss, parts = losses.objective(emb, batch, scales, edges)
+  z, u = emb["inputs"], emb["reports"]
+  want_labs = np_tmcl(z["labs"], u["labs"], lab_texts, 5.0)
+  want_pair = np_emcl(z["labs"], z["ecg"], batch["pair_mask"]["labs_ecg"], 6.0, "linked")
+  np.testing.assert_allclose(parts["loss/labs_text"], want_labs, rtol=1e-5)
+  np.testing.assert_allclose(parts["loss/labs_ecg"], want_pair, rtol=1e-5)
+  base = parts["loss/cxr_text"] + parts["loss/ecg_text"] + parts["loss/cxr_ecg"]
+  np.testing.assert_allclose(loss, base + 0.5 * want_labs + 2.0 * want_pair, rtol=1e-5)

@@ -17,7 +17,7 @@ import pytest
 
 import real_layouts as L
 from configs import medbind
-from data_prep import common, mimic
+from data_prep import cli, mimic, report_text
 from medbind_jax import train
 
 TORCH = pytest.importorskip("torch")
@@ -72,14 +72,14 @@ def test_paper_config_trains_from_converted_real_layout_shards(tmp_path):
   L.build_mimic_cxr(cxr_src, CXR_STUDIES)
   L.build_mimic_ecg(ecg_src, ECG_STUDIES)
   summary = mimic.convert(str(cxr_src), str(ecg_src), str(data_dir),
-                          common.Options(shard_size=4, workers=1, progress=False, num_samples=1000))
+                          cli.Options(shard_size=4, workers=1, progress=False, num_samples=1000))
   assert summary.exit_code == 0 and not summary.errors
   splits = summary.info["splits"]
   assert (splits["train"]["num_linked"], splits["test"]["num_linked"]) == (3, 2)
   assert summary.info["linking"]["linked_pairs"] == 5
 
   texts = [L.expected_cxr_text(r["findings"], r["impression"]) for r in L.iu_reports().values()]
-  texts += [common.join_statements(s) for s in _STATEMENTS]
+  texts += [report_text.join_statements(s) for s in _STATEMENTS]
   _tiny_swin(tmp_path / "swin")
   _tiny_bert_with_tokenizer(tmp_path / "bert", texts)
 
@@ -88,10 +88,10 @@ def test_paper_config_trains_from_converted_real_layout_shards(tmp_path):
   # CPU-sized inputs and ECG tower, as `--config.data.cxr.image_size=32 ...` would set them.
   config.data.cxr.image_size = 32
   config.data.ecg.num_samples = 500
-  config.model.ecg.kwargs.update(num_samples=500, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)
+  config.model.towers.ecg.kwargs.update(num_samples=500, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)
   config.data.text_max_length = 16
   config.eval.batch_size = 8
-  assert config.model.cxr.name == "swin" and config.model.text.trunk == "train"
+  assert config.model.towers.cxr.name == "swin" and config.model.towers.text.trunk == "train"
   assert config.data.linked_per_batch == 2 and config.model.embed_dim == 256
 
   workdir = str(tmp_path / "workdir")
@@ -101,7 +101,7 @@ def test_paper_config_trains_from_converted_real_layout_shards(tmp_path):
   assert [row["step"] for row in logged] == [2]
   assert math.isfinite(logged[0]["loss"]) and logged[0]["loss"] > 0
   # Both linked rows of each batch come from converted linked records, so EMCL is active.
-  assert logged[0]["num_linked"] == 2 and logged[0]["emcl"] > 0
+  assert logged[0]["num_pairs/cxr_ecg"] == 2 and logged[0]["loss/cxr_ecg"] > 0
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
   # Evaluated on the converted test split: 2 CXRs, 2 + 1 ECGs, 2 linked pairs.
   assert results["retrieval/cxr_to_text/num_queries"] == 2 and results["retrieval/ecg_to_text/num_queries"] == 3

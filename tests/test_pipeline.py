@@ -3,12 +3,15 @@
 import numpy as np
 import pytest
 
+from medbind_jax import losses
 from medbind_jax.data import pipeline, preprocess
 from medbind_jax.data.text import TableRows
 from tiny_data import write_tiny_dataset
 
-CXR = preprocess.CxrSpec(image_size=16)
-ECG = preprocess.EcgSpec(sampling_rate=50.0, num_samples=80)
+SPECS = {"cxr": preprocess.CxrSpec(image_size=16), "ecg": preprocess.EcgSpec(sampling_rate=50.0, num_samples=80)}
+EDGES = (losses.Edge("cxr_text", ("cxr", "text")), losses.Edge("ecg_text", ("ecg", "text")),
+         losses.Edge("cxr_ecg", ("cxr", "ecg"), "pair"))
+LAYOUT = pipeline.Layout.from_edges(EDGES)
 
 
 @pytest.fixture(scope="module")
@@ -19,39 +22,41 @@ def index(tmp_path_factory):
 
 
 def _rows(index):
-  texts = sorted({r.cxr_report for r in index.records} | {r.ecg_report for r in index.records})
+  texts = sorted({r.reports["cxr"] for r in index.records} | {r.reports["ecg"] for r in index.records})
   return TableRows({t: i for i, t in enumerate(texts)})
 
 
 def _dataset(index, seed=0, process_index=0, process_count=1, n=8, m=4):
   spec = pipeline.BatchSpec(n, m, process_index, process_count)
-  return pipeline.train_dataset(index, _rows(index), spec, cxr=CXR, ecg=ECG, seed=seed)
+  return pipeline.train_dataset(index, _rows(index), spec, LAYOUT, specs=SPECS, seed=seed)
 
 
 def test_batch_layout(index):
+  assert LAYOUT.modalities == ("cxr", "ecg") and LAYOUT.report_modalities == ("cxr", "ecg")
+  assert dict(LAYOUT.pair_edges) == {"cxr_ecg": ("cxr", "ecg")}
   batch = _dataset(index)[0]
-  assert batch["cxr"].shape == (8, 16, 16, 1) and batch["cxr"].dtype == np.float32
-  assert batch["ecg"].shape == (8, 80, 12)
-  assert batch["linked"].tolist() == [True] * 4 + [False] * 4
+  assert batch["inputs"]["cxr"].shape == (8, 16, 16, 1) and batch["inputs"]["cxr"].dtype == np.float32
+  assert batch["inputs"]["ecg"].shape == (8, 80, 12)
+  assert batch["pair_mask"]["cxr_ecg"].tolist() == [True] * 4 + [False] * 4
   # Linked rows pair the CXR and ECG of one encounter.
-  np.testing.assert_array_equal(batch["cxr_index"][:4], batch["ecg_index"][:4])
+  np.testing.assert_array_equal(batch["index"]["cxr"][:4], batch["index"]["ecg"][:4])
   for row in range(8):
-    record = index.records[batch["cxr_index"][row]]
-    np.testing.assert_array_equal(batch["cxr_text_key"][row], preprocess.text_key(record.cxr_report))
-  assert batch["cxr_text"]["row"].shape == (8,)
+    record = index.records[batch["index"]["cxr"][row]]
+    np.testing.assert_array_equal(batch["text_key"]["cxr"][row], preprocess.text_key(record.reports["cxr"]))
+  assert batch["reports"]["cxr"]["row"].shape == (8,)
 
 
 def test_deterministic_by_seed(index):
   a, b, c = _dataset(index, seed=1), _dataset(index, seed=1), _dataset(index, seed=2)
   for step in range(3):
-    np.testing.assert_array_equal(a[step]["cxr"], b[step]["cxr"])
-    np.testing.assert_array_equal(a[step]["ecg_index"], b[step]["ecg_index"])
-  assert any(not np.array_equal(a[s]["cxr_index"], c[s]["cxr_index"]) for s in range(3))
+    np.testing.assert_array_equal(a[step]["inputs"]["cxr"], b[step]["inputs"]["cxr"])
+    np.testing.assert_array_equal(a[step]["index"]["ecg"], b[step]["index"]["ecg"])
+  assert any(not np.array_equal(a[s]["index"]["cxr"], c[s]["index"]["cxr"]) for s in range(3))
 
 
 def test_epochs_cover_every_linked_record(index):
   ds = _dataset(index, n=8, m=4)
-  seen = np.concatenate([ds[s]["cxr_index"][:4] for s in range(6)])  # 24 linked records, 4 per step
+  seen = np.concatenate([ds[s]["index"]["cxr"][:4] for s in range(6)])  # 24 linked records, 4 per step
   assert sorted(seen.tolist()) == list(range(24))
 
 
@@ -62,8 +67,9 @@ def test_processes_split_the_global_batch(index):
     g = whole[step]
     p0, p1 = parts[0][step], parts[1][step]
     # Linked rows of the global batch are the linked rows of process 0 then process 1, and likewise unlinked.
-    np.testing.assert_array_equal(g["cxr_index"][:4], np.concatenate([p0["cxr_index"][:2], p1["cxr_index"][:2]]))
-    np.testing.assert_array_equal(g["cxr_index"][4:], np.concatenate([p0["cxr_index"][2:], p1["cxr_index"][2:]]))
+    g, p0, p1 = g["index"]["cxr"], p0["index"]["cxr"], p1["index"]["cxr"]
+    np.testing.assert_array_equal(g[:4], np.concatenate([p0[:2], p1[:2]]))
+    np.testing.assert_array_equal(g[4:], np.concatenate([p0[2:], p1[2:]]))
 
 
 def test_iterator_state_restores_exact_order(index):
@@ -77,8 +83,8 @@ def test_iterator_state_restores_exact_order(index):
   resumed.set_state(state)
   for want in expected:
     got = next(resumed)
-    np.testing.assert_array_equal(got["cxr_index"], want["cxr_index"])
-    np.testing.assert_array_equal(got["cxr"], want["cxr"])
+    np.testing.assert_array_equal(got["index"]["cxr"], want["index"]["cxr"])
+    np.testing.assert_array_equal(got["inputs"]["cxr"], want["inputs"]["cxr"])
 
 
 def test_bad_batch_spec_is_explained():
@@ -86,3 +92,30 @@ def test_bad_batch_spec_is_explained():
     pipeline.BatchSpec(8, 4, 0, 3)
   with pytest.raises(ValueError, match="linked_per_batch"):
     pipeline.BatchSpec(8, 9)
+
+
+def test_reads_schema_version_1_shards():
+  """A dataset converted before modalities were keyed (tests/fixtures/v1, written by that code) still indexes,
+  decodes and batches, without re-conversion."""
+  import json
+  import os
+  data_dir = os.path.join(os.path.dirname(__file__), "fixtures", "v1", "dataset_v1")
+  with open(os.path.join(data_dir, "dataset_info.json")) as f:
+    assert json.load(f)["schema_version"] == 1
+  index = pipeline.index_split(data_dir, "train", progress=False)
+  assert index.info["modalities"] == ["cxr", "ecg"] and len(index.records) == 8
+  assert all(r.linked and r.modalities == ("cxr", "ecg") for r in index.records)
+  assert [r.reports["cxr"] for r in index.records[:3]] == ["cxr report 0", "cxr report 1", "cxr report 2"]
+  batch = pipeline.train_dataset(index, _rows(index), pipeline.BatchSpec(4, 2), LAYOUT, specs=SPECS, seed=0)[0]
+  assert batch["inputs"]["cxr"].shape == (4, 16, 16, 1) and batch["inputs"]["ecg"].shape == (4, 80, 12)
+  assert np.all(np.isfinite(batch["inputs"]["ecg"])) and np.abs(batch["inputs"]["ecg"]).max() > 0
+
+
+def test_a_modality_without_a_partner_draws_all_rows_from_its_pool(index):
+  """Edges decide the layout: with only tmcl edges there are no linked rows, and each modality has its rows."""
+  layout = pipeline.Layout.from_edges(EDGES[:1])  # cxr-text alone
+  assert layout.modalities == ("cxr",) and not layout.pair_edges
+  batch = pipeline.train_dataset(index, _rows(index), pipeline.BatchSpec(8, 0), layout, specs=SPECS, seed=0)[0]
+  assert set(batch["inputs"]) == {"cxr"} and batch["pair_mask"] == {} and set(batch["reports"]) == {"cxr"}
+  with pytest.raises(ValueError, match="no pair edge uses linked rows"):
+    pipeline.train_dataset(index, _rows(index), pipeline.BatchSpec(8, 4), layout, specs=SPECS, seed=0)

@@ -29,10 +29,12 @@ def tiny_config(data_dir, **overrides):
   c.data.ecg.update(sampling_rate=50.0, num_samples=100)
   c.data.text_max_length = 16
   c.model.embed_dim, c.model.head_hidden_dim = 16, 0
-  c.model.cxr.kwargs.update(image_size=16, patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)
-  c.model.ecg.kwargs.update(num_samples=100, patch_size=25, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)
+  c.model.towers.cxr.kwargs.update(image_size=16, patch_size=8, hidden_size=16, num_layers=1, num_heads=2,
+                                   mlp_dim=32)
+  c.model.towers.ecg.kwargs.update(num_samples=100, patch_size=25, hidden_size=16, num_layers=1, num_heads=2,
+                                   mlp_dim=32)
   # A tiny random BERT with the packaged MiniLM tokenizer: the loop under test, not the pretrained weights.
-  c.model.text.update(init="", tokenizer="minilm", kwargs=dict(hidden_size=16, num_layers=1, num_heads=2,
+  c.model.towers.text.update(init="", tokenizer="minilm", kwargs=dict(hidden_size=16, num_layers=1, num_heads=2,
                                                                intermediate_size=32, pooling="mean"))
   c.log_every, c.checkpoint_every = 1, 2
   c.eval.batch_size = 16
@@ -92,7 +94,7 @@ def test_frozen_text_trunk_is_left_out_and_text_table_is_used(data_dir, tmp_path
     r1 = results[f"retrieval/{direction}/R@1"]
     assert f"{100 * r1:.1f} ({100 * results[f'retrieval/{direction}/chance@1']:.1f})" in row
   params = _final_params(str(tmp_path), 2)
-  assert "text_encoder" not in params and "text_head" in params
+  assert "text" not in params["towers"] and "text" in params["heads"]
   assert any(f.startswith("text_features_") for f in os.listdir(tmp_path / "cache"))
 
 
@@ -113,9 +115,9 @@ def test_frozen_parameters_stay_bit_identical_with_bf16_and_remat(data_dir, tmp_
   # The whole text tower in every step, its embeddings and first layer frozen by regex, the CXR tower on a
   # lower learning rate; model-wide bfloat16 compute and rematerialisation switched on from the config.
   config = tiny_config(data_dir, total_steps=3, checkpoint_every=1, **{
-      "model.text.trunk": "train", "model.dtype": "bfloat16", "model.remat": True,
-      "model.text.kwargs.num_layers": 2,
-      "optim.param_groups": ((r"^text_encoder/(embeddings|layer_0)/", None), (r"^cxr_encoder/", 0.1))})
+      "model.towers.text.trunk": "train", "model.dtype": "bfloat16", "model.remat": True,
+      "model.towers.text.kwargs.num_layers": 2,
+      "optim.param_groups": ((r"^towers/text/(embeddings|layer_0)/", None), (r"^towers/cxr/", 0.1))})
   train.train_and_evaluate(config, str(tmp_path))
   first, last = _final_params(str(tmp_path), 1), _final_params(str(tmp_path), 3)
   frozen = moved = 0
@@ -125,7 +127,7 @@ def test_frozen_parameters_stay_bit_identical_with_bf16_and_remat(data_dir, tmp_
     if "'embeddings'" in name or "'layer_0'" in name:
       np.testing.assert_array_equal(a, b, err_msg=name)
       frozen += 1
-    elif "'text_encoder'" in name and "'layer_1'" in name and "kernel" in name:
+    elif "['towers']['text']" in name and "'layer_1'" in name and "kernel" in name:
       assert not np.array_equal(a, b), name  # the trainable text layer does learn
       moved += 1
   assert frozen >= 10 and moved >= 4

@@ -1,14 +1,15 @@
 """Input pipeline: an index over TFRecord shards, and grain datasets of static-shaped training batches.
 
-Batch layout (one process's share of a global batch of `n` CXR-text and `n` ECG-text pairs):
+Batch layout (one process's share of a global batch of `n` rows of every modality the edges use):
 
-  cxr            float32 [b, S, S, C]      ecg            float32 [b, T, leads]
-  cxr_text       text inputs (see text.py)  ecg_text       text inputs
-  cxr_text_key   int32 [b, 2]              ecg_text_key   int32 [b, 2]      (equal key = same report text)
-  linked         bool [b]                  rows < m_local hold the CXR and ECG of one linked encounter
-  cxr_index      int32 [b]                 ecg_index      int32 [b]         record numbers in the split index
+  inputs     {modality: float32 [b, ...]}  the codec's model input per row
+  reports    {modality: text inputs}       the rows' report texts (see text.py), for modalities of tmcl edges
+  text_key   {modality: int32 [b, 2]}      equal key = same report text
+  pair_mask  {pair edge: bool [b]}         rows < m_local hold the two modalities of one linked encounter
+  index      {modality: int32 [b]}         record numbers in the split index
 
-with b = n / process_count. The first m_local rows come from linked encounters; the rest draw a CXR and an ECG
+with b = n / process_count. The first m_local rows come from linked encounters that have every modality of
+the pair edges (those modalities of a row are one encounter's); every other row and modality draws
 independently from all records with that modality. Each pool is an endless stream, reshuffled every epoch;
 global step t takes stream items [t*k, (t+1)*k) of each pool and process p takes its slice of those. So the
 global batch at a step does not depend on the number of processes, and the whole order is a function of the
@@ -20,14 +21,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
 import tqdm
 
-from medbind_jax.data import preprocess, schema, tfrecord
-from medbind_jax.data.preprocess import CxrSpec, EcgSpec
+from medbind_jax.data import codecs, preprocess, schema, tfrecord
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,12 @@ class RecordMeta:
   ref: tfrecord.FrameRef
   encounter_id: str
   patient_id: str
-  has_cxr: bool
-  has_ecg: bool
   linked: bool
-  cxr_report: str
-  ecg_report: str
+  modalities: tuple[str, ...]  # the registered modalities the record has
+  reports: Mapping[str, str]  # modality -> report text
+
+  def has(self, modality: str) -> bool:
+    return modality in self.modalities
 
 
 @dataclasses.dataclass
@@ -59,10 +60,14 @@ class SplitIndex:
   skipped: list[tuple[str, int, str]]  # (file, byte offset, reason)
   num_missing: int  # records dataset_info.json promises that could not be read (skip mode only)
 
-  def pool(self, kind: str) -> np.ndarray:
-    """Record numbers of the pool `kind` in ('linked', 'cxr', 'ecg')."""
-    key = {"linked": "linked", "cxr": "has_cxr", "ecg": "has_ecg"}[kind]
-    return np.array([i for i, r in enumerate(self.records) if getattr(r, key)], np.int64)
+  def pool(self, modality: str) -> np.ndarray:
+    """Record numbers of the records that have `modality`."""
+    return np.array([i for i, r in enumerate(self.records) if r.has(modality)], np.int64)
+
+  def linked_pool(self, modalities: Sequence[str]) -> np.ndarray:
+    """Record numbers of the linked records that have every one of `modalities`."""
+    return np.array([i for i, r in enumerate(self.records) if r.linked and all(r.has(m) for m in modalities)],
+                    np.int64)
 
 
 def index_split(data_dir: str, split: str, *, skip_corrupt: bool = False, progress: bool = True) -> SplitIndex:
@@ -93,8 +98,8 @@ def index_split(data_dir: str, split: str, *, skip_corrupt: bool = False, progre
     found = 0
     for ref, data in tfrecord.iter_records(path, skip_corrupt=skip_corrupt, problems=problems):
       enc = schema.decode_encounter(data)
-      records.append(RecordMeta(ref, enc.encounter_id, enc.patient_id, enc.has_cxr, enc.has_ecg, enc.linked,
-                                enc.cxr_report, enc.ecg_report))
+      records.append(RecordMeta(ref, enc.encounter_id, enc.patient_id, enc.linked, tuple(sorted(enc.parts)),
+                                {m: part.report for m, part in enc.parts.items()}))
       found += 1
     skipped.extend(problems)
     if found != shard["num_examples"]:
@@ -119,20 +124,18 @@ def index_split(data_dir: str, split: str, *, skip_corrupt: bool = False, progre
 class ExampleReader:
   """Random access to decoded model inputs of the records of a SplitIndex. Picklable (for grain workers)."""
 
-  def __init__(self, index: SplitIndex, cxr: CxrSpec, ecg: EcgSpec):
+  def __init__(self, index: SplitIndex, specs: Mapping[str, Any]):
+    """`specs`: modality -> its codec's preprocessing spec, for the modalities to read."""
     self.refs = [r.ref for r in index.records]
-    self.cxr_spec, self.ecg_spec = cxr, ecg
+    self.specs = dict(specs)
     self.reader = tfrecord.RecordReader()
 
   def encounter(self, i: int) -> schema.Encounter:
-    return schema.decode_encounter(self.reader.read(self.refs[i]))
+    return schema.decode_encounter(self.reader.read(self.refs[i]), modalities=self.specs)
 
-  def cxr(self, enc: schema.Encounter, rng) -> np.ndarray:
-    return preprocess.preprocess_cxr(enc.cxr_image, self.cxr_spec, rng, name=enc.encounter_id)
-
-  def ecg(self, enc: schema.Encounter, rng) -> np.ndarray:
-    return preprocess.preprocess_ecg(preprocess.record_ecg_mv(enc), enc.ecg_sampling_rate, self.ecg_spec,
-                                     enc.ecg_leads, rng, name=enc.encounter_id)
+  def input(self, enc: schema.Encounter, modality: str, rng) -> np.ndarray:
+    return codecs.get(modality).preprocess(enc.part(modality).data, self.specs[modality], rng,
+                                           name=enc.encounter_id)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,9 +143,34 @@ class ExampleReader:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+LINKED = "/linked"  # the pool of linked encounters ('/' keeps it apart from every modality name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What a batch holds, from the loss edges: `modalities` (rows of inputs), `report_modalities` (whose reports
+  are embedded: the tmcl edges'), `pair_edges` (name -> its two modalities)."""
+
+  modalities: tuple[str, ...]
+  report_modalities: tuple[str, ...]
+  pair_edges: Mapping[str, tuple[str, str]]
+
+  @classmethod
+  def from_edges(cls, edges: Sequence) -> Layout:
+    """From `losses.Edge`s."""
+    rows = sorted({m for e in edges for m in e.modalities if m != codecs.TEXT})
+    return cls(tuple(rows), tuple(sorted({e.modality for e in edges if e.kind == "tmcl"})),
+               {e.name: tuple(e.modalities) for e in edges if e.kind == "pair"})
+
+  @property
+  def linked_modalities(self) -> tuple[str, ...]:
+    """The modalities a linked row takes from its one encounter."""
+    return tuple(sorted({m for pair in self.pair_edges.values() for m in pair}))
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
-  global_batch_size: int  # n: CXR-text pairs (and ECG-text pairs) per global batch
+  global_batch_size: int  # n: rows of every modality per global batch
   linked_per_batch: int  # m: rows that come from linked encounters
   process_index: int = 0
   process_count: int = 1
@@ -166,61 +194,71 @@ class BatchSpec:
 class _AssembleBatch(grain.transforms.Map):
   """Global step index -> this process's batch (see the module docstring for the layout)."""
 
-  def __init__(self, reader: ExampleReader, pools: dict, text_inputs, spec: BatchSpec, seed: int, augment: bool,
-               index: SplitIndex):
-    self.reader, self.pools, self.text_inputs, self.spec = reader, pools, text_inputs, spec
+  def __init__(self, reader: ExampleReader, pools: dict, text_inputs, spec: BatchSpec, layout: Layout, seed: int,
+               augment: bool, index: SplitIndex):
+    self.reader, self.pools, self.text_inputs, self.spec, self.layout = reader, pools, text_inputs, spec, layout
     self.seed, self.augment = seed, augment
-    self.cxr_texts = [r.cxr_report for r in index.records]
-    self.ecg_texts = [r.ecg_report for r in index.records]
+    self.reports = {m: [r.reports.get(m, "") for r in index.records] for m in layout.report_modalities}
 
   def _stream_slice(self, pool: str, step: int, per_step: int, per_process: int) -> list[int]:
     start = step * per_step + self.spec.process_index * per_process
     return [int(self.pools[pool][k]) for k in range(start, start + per_process)]
 
   def map(self, step: int) -> dict:
-    spec = self.spec
-    linked = self._stream_slice("linked", step, spec.linked_per_batch, spec.local_linked)
+    spec, layout = self.spec, self.layout
+    linked = self._stream_slice(LINKED, step, spec.linked_per_batch, spec.local_linked)
     unlinked = spec.global_batch_size - spec.linked_per_batch
     local_unlinked = spec.local_batch_size - spec.local_linked
-    cxr_ids = linked + self._stream_slice("cxr", step, unlinked, local_unlinked)
-    ecg_ids = linked + self._stream_slice("ecg", step, unlinked, local_unlinked)
-    cxr, ecg = [], []
-    for row, (ci, ei) in enumerate(zip(cxr_ids, ecg_ids)):
+    ids = {}
+    for m in layout.modalities:
+      if m in layout.linked_modalities:
+        ids[m] = linked + self._stream_slice(m, step, unlinked, local_unlinked)
+      else:  # not bound to a partner: every row draws from the modality's own pool
+        ids[m] = self._stream_slice(m, step, spec.global_batch_size, spec.local_batch_size)
+    inputs = {m: [] for m in layout.modalities}
+    for row in range(spec.local_batch_size):
       # One generator per (step, process, row): augmentation does not depend on thread timing.
       rng = (np.random.default_rng([self.seed, step, spec.process_index, row]) if self.augment else None)
-      enc = self.reader.encounter(ci)
-      cxr.append(self.reader.cxr(enc, rng))
-      if ei != ci:
-        enc = self.reader.encounter(ei)
-      ecg.append(self.reader.ecg(enc, rng))
-    cxr_texts = [self.cxr_texts[i] for i in cxr_ids]
-    ecg_texts = [self.ecg_texts[i] for i in ecg_ids]
+      decoded: dict[int, schema.Encounter] = {}  # a linked row's modalities share one decoded record
+      for m in layout.modalities:
+        record = ids[m][row]
+        if record not in decoded:
+          decoded[record] = self.reader.encounter(record)
+        inputs[m].append(self.reader.input(decoded[record], m, rng))
+    texts = {m: [self.reports[m][i] for i in ids[m]] for m in layout.report_modalities}
+    pair_mask = np.arange(spec.local_batch_size) < spec.local_linked
     return {
-        "cxr": np.stack(cxr),
-        "ecg": np.stack(ecg),
-        "cxr_text": self.text_inputs(cxr_texts),
-        "ecg_text": self.text_inputs(ecg_texts),
-        "cxr_text_key": np.stack([preprocess.text_key(t) for t in cxr_texts]),
-        "ecg_text_key": np.stack([preprocess.text_key(t) for t in ecg_texts]),
-        "linked": np.arange(spec.local_batch_size) < spec.local_linked,
-        "cxr_index": np.asarray(cxr_ids, np.int32),
-        "ecg_index": np.asarray(ecg_ids, np.int32),
+        "inputs": {m: np.stack(x) for m, x in inputs.items()},
+        "reports": {m: self.text_inputs(t) for m, t in texts.items()},
+        "text_key": {m: np.stack([preprocess.text_key(x) for x in t]) for m, t in texts.items()},
+        "pair_mask": {name: pair_mask for name in layout.pair_edges},
+        "index": {m: np.asarray(i, np.int32) for m, i in ids.items()},
     }
 
 
-def train_dataset(index: SplitIndex, text_inputs, spec: BatchSpec, *, cxr: CxrSpec, ecg: EcgSpec, seed: int,
-                  augment: bool = True) -> grain.MapDataset:
-  """MapDataset whose item t is this process's batch for global step t (endless)."""
+def train_dataset(index: SplitIndex, text_inputs, spec: BatchSpec, layout: Layout, *, specs: Mapping[str, Any],
+                  seed: int, augment: bool = True) -> grain.MapDataset:
+  """MapDataset whose item t is this process's batch for global step t (endless). `specs`: modality -> codec
+  preprocessing spec, for every modality of `layout`."""
+  if spec.linked_per_batch and not layout.pair_edges:
+    raise ValueError(f"linked_per_batch={spec.linked_per_batch} but no pair edge uses linked rows; set "
+                     "data.linked_per_batch=0 or add a pair edge to config.loss.edges")
   pools = {}
-  for kind in ("linked", "cxr", "ecg"):
-    records = index.pool(kind)
-    if len(records) == 0 and (kind != "linked" or spec.linked_per_batch):
-      raise ValueError(f"{index.data_dir}/{index.split} has no records for the {kind!r} pool "
-                       f"(linked_per_batch={spec.linked_per_batch})")
+  for kind in (LINKED,) + layout.modalities:
+    if kind == LINKED:
+      records = index.linked_pool(layout.linked_modalities) if layout.pair_edges else np.zeros(0, np.int64)
+      needed = spec.linked_per_batch > 0
+      what = f"linked records with {', '.join(layout.linked_modalities)}"
+    else:
+      records, needed, what = index.pool(kind), True, f"records with {kind}"
+    if len(records) == 0 and needed:
+      raise ValueError(f"{index.data_dir}/{index.split} has no {what} (the {kind!r} pool; "
+                       f"linked_per_batch={spec.linked_per_batch})")
     # Each pool gets its own seed stream; reshuffled every epoch.
-    pools[kind] = (grain.MapDataset.source(records).shuffle(seed=seed * 3 + len(pools)).repeat()
-                   if len(records) else [])
-  assemble = _AssembleBatch(ExampleReader(index, cxr, ecg), pools, text_inputs, spec, seed, augment, index)
+    pools[kind] = (grain.MapDataset.source(records).shuffle(seed=seed * (1 + len(layout.modalities)) + len(pools))
+                   .repeat() if len(records) else [])
+  reader = ExampleReader(index, {m: specs[m] for m in layout.modalities})
+  assemble = _AssembleBatch(reader, pools, text_inputs, spec, layout, seed, augment, index)
   return grain.MapDataset.range(0, 1 << 62).map(assemble)
 
 
@@ -235,37 +273,32 @@ def train_iterator(dataset: grain.MapDataset, *, num_threads: int, prefetch: int
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def eval_batches(index: SplitIndex, modality: str, batch_size: int, *, cxr: CxrSpec, ecg: EcgSpec,
-                 text_inputs=None, records: Sequence[int] | None = None,
-                 num_threads: int = 2) -> Iterator[dict]:
-  """Fixed-size batches over the records with `modality` ('cxr', 'ecg' or 'text' = CXR and ECG reports is not
-  meant; use 'cxr' / 'ecg' and read the text fields), in index order, the last padded. Each batch has `valid`
-  [batch_size] bool, `index` (record numbers), `labels`, the modality input and its report's text inputs."""
-  if modality not in ("cxr", "ecg"):
-    raise ValueError(f"modality must be 'cxr' or 'ecg', got {modality!r}")
+def eval_batches(index: SplitIndex, modality: str, batch_size: int, spec: Any, *,
+                 records: Sequence[int] | None = None, num_threads: int = 2) -> Iterator[dict]:
+  """Fixed-size batches over the records with `modality`, in index order, the last padded. Each batch has
+  `inputs` [batch_size, ...] (the codec's model input, no augmentation; `spec` its preprocessing), `valid`
+  [batch_size] bool, `index` (record numbers), `labels` and `text_key` (the report's)."""
   if records is None:
     records = index.pool(modality)
   records = np.asarray(records, np.int64)
-  reader = ExampleReader(index, cxr, ecg)
-  texts = [getattr(r, f"{modality}_report") for r in index.records]
+  reader = ExampleReader(index, {modality: spec})
+  example = codecs.get(modality).example_input(spec)
 
   def load(batch_start: int) -> dict:
     ids = records[batch_start:batch_start + batch_size]
     encs = [reader.encounter(int(i)) for i in ids]
-    inputs = [reader.cxr(e, None) if modality == "cxr" else reader.ecg(e, None) for e in encs]
-    labels = [np.asarray(getattr(e, f"{modality}_labels"), np.float32) for e in encs]
+    inputs = [reader.input(e, modality, None) for e in encs]
+    labels = [np.asarray(e.part(modality).labels, np.float32) for e in encs]
+    num_labels = len(labels[0])
     pad = batch_size - len(ids)
-    batch_texts = [texts[i] for i in ids] + [""] * pad
-    out = {
-        modality: np.concatenate([np.stack(inputs), np.zeros((pad,) + inputs[0].shape, np.float32)]),
+    batch_texts = [e.part(modality).report for e in encs] + [""] * pad
+    return {
+        "inputs": np.concatenate([np.stack(inputs), np.zeros((pad,) + example.shape, np.float32)]),
         "valid": np.arange(batch_size) < len(ids),
         "index": np.concatenate([ids, np.full(pad, -1)]).astype(np.int32),
-        "labels": np.concatenate([np.stack(labels), np.zeros((pad,) + labels[0].shape, np.float32)]),
+        "labels": np.concatenate([np.stack(labels), np.zeros((pad, num_labels), np.float32)]),
         "text_key": np.stack([preprocess.text_key(t) for t in batch_texts]),
     }
-    if text_inputs is not None:
-      out["text"] = text_inputs(batch_texts)
-    return out
 
   starts = grain.MapDataset.source(list(range(0, len(records), batch_size))).map(load)
   yield from starts.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))

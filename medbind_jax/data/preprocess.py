@@ -158,11 +158,3 @@ def preprocess_ecg(signal_mv: np.ndarray, sampling_rate: float, spec: EcgSpec, l
     x = x * rng.uniform(1 - spec.amplitude_jitter, 1 + spec.amplitude_jitter)
     x = x + rng.normal(0.0, spec.noise_mv, x.shape).astype(np.float32)
   return (x / spec.scale_mv).astype(np.float32)
-
-
-def record_ecg_mv(enc: schema.Encounter) -> np.ndarray:
-  """The stored int16 samples of a record in millivolts, [num_samples, num_leads]."""
-  gain = np.asarray(enc.ecg_gain, np.float32)
-  if np.any(gain == 0):
-    raise InputError(f"{enc.encounter_id}: ECG gain of zero")
-  return enc.ecg_samples.astype(np.float32) / gain

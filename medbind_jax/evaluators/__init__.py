@@ -20,13 +20,15 @@ from medbind_jax.evaluators import protocol as protocol_lib
 
 log = logging.getLogger(__name__)
 
-# name -> (data, protocol, config.eval) -> evaluator
+# name -> (data, protocol, config.eval, edges) -> evaluator
 EVALUATORS: dict[str, Callable] = {
-    "retrieval": lambda data, protocol, cfg: retrieval.RetrievalEvaluator(data, ks=tuple(cfg.ks)),
-    "zero_shot": lambda data, protocol, cfg: zero_shot.ZeroShotEvaluator(data, protocol),
-    "few_shot": lambda data, protocol, cfg: few_shot.FewShotEvaluator(
+    "retrieval": lambda data, protocol, cfg, edges: retrieval.RetrievalEvaluator(
+        data, [e.modality for e in edges if e.kind == "tmcl"], [e.modalities for e in edges if e.kind == "pair"],
+        ks=tuple(cfg.ks)),
+    "zero_shot": lambda data, protocol, cfg, edges: zero_shot.ZeroShotEvaluator(data, protocol),
+    "few_shot": lambda data, protocol, cfg, edges: few_shot.FewShotEvaluator(
         data, protocol, shots=tuple(cfg.few_shot.shots), seeds=cfg.few_shot.seeds, l2=cfg.few_shot.l2),
-    "cross_modal": lambda data, protocol, cfg: cross_modal.CrossModalEvaluator(data, protocol),
+    "cross_modal": lambda data, protocol, cfg, edges: cross_modal.CrossModalEvaluator(data, protocol),
 }
 
 
@@ -59,12 +61,12 @@ class Suite:
     return report.summary_table(results, self.evaluators)
 
 
-def build(eval_config, data: common.SplitEmbedder) -> Suite:
-  """The suite `eval_config` (config.eval) names, over `data`."""
+def build(eval_config, data: common.SplitEmbedder, edges=()) -> Suite:
+  """The suite `eval_config` (config.eval) names, over `data`, for a model trained on `edges` (losses.Edge)."""
   names = tuple(eval_config.evaluators)
   unknown = [n for n in names if n not in EVALUATORS]
   if unknown:
     raise ValueError(f"unknown evaluator(s) {unknown} in config.eval.evaluators; known: {sorted(EVALUATORS)}")
   protocol = protocol_lib.load(eval_config.protocol)
-  return Suite({n: EVALUATORS[n](data, protocol, eval_config) for n in names}, data, protocol,
+  return Suite({n: EVALUATORS[n](data, protocol, eval_config, edges) for n in names}, data, protocol,
                plots=eval_config.plots, plot_points=eval_config.plot_points)

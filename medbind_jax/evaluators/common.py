@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from medbind_jax.data import pipeline, preprocess
+from medbind_jax.data import pipeline, preprocess, schema
 
 EmbedFn = Callable[..., np.ndarray]
 
 
 @dataclasses.dataclass
 class EmbedFns:
-  """Per-modality embedding functions: `cxr(params, images)`, `ecg(params, signals)`, `text(params, texts)`,
-  each returning float32 [B, d] unit vectors for a fixed-size batch (texts: a list of strings)."""
+  """Embedding functions of the trainable params: `inputs[m](params, batch)` for each input modality (a
+  fixed-size batch of model inputs) and `text(params, texts)` (a list of strings); each returns float32 [B, d]
+  unit vectors."""
 
-  cxr: EmbedFn
-  ecg: EmbedFn
+  inputs: Mapping[str, EmbedFn]
   text: EmbedFn
   batch_size: int
 
@@ -48,13 +48,13 @@ class ModalityEmbeddings:
   labels: np.ndarray  # [N, num_labels]
 
 
-def embed_split(fns: EmbedFns, params, index: pipeline.SplitIndex, modality: str, *,
-                cxr: preprocess.CxrSpec, ecg: preprocess.EcgSpec) -> ModalityEmbeddings:
-  fn = fns.cxr if modality == "cxr" else fns.ecg
+def embed_split(fns: EmbedFns, params, index: pipeline.SplitIndex, modality: str, spec) -> ModalityEmbeddings:
+  """Embeddings of every `modality` record of `index` (`spec`: the codec's preprocessing)."""
+  fn = fns.inputs[modality]
   parts: dict[str, list] = {"emb": [], "index": [], "text_key": [], "labels": []}
-  for batch in pipeline.eval_batches(index, modality, fns.batch_size, cxr=cxr, ecg=ecg):
+  for batch in pipeline.eval_batches(index, modality, fns.batch_size, spec):
     valid = batch["valid"]
-    parts["emb"].append(np.asarray(fn(params, batch[modality]))[valid])
+    parts["emb"].append(np.asarray(fn(params, batch["inputs"]))[valid])
     parts["index"].append(batch["index"][valid])
     parts["text_key"].append(batch["text_key"][valid])
     parts["labels"].append(batch["labels"][valid])
@@ -67,8 +67,8 @@ def unique_texts(index: pipeline.SplitIndex, modality: str) -> tuple[list[str], 
   """The split's distinct `modality` reports (one representative per normalised text) and their keys."""
   seen: dict[str, str] = {}
   for record in index.records:
-    if getattr(record, f"has_{modality}"):
-      text = getattr(record, f"{modality}_report")
+    if record.has(modality):
+      text = record.reports[modality]
       seen.setdefault(preprocess.normalize_text(text), text)
   texts = list(seen.values())
   keys = np.stack([preprocess.text_key(t) for t in texts]) if texts else np.zeros((0, 2), np.int32)
@@ -116,11 +116,15 @@ class SplitEmbedder:
   tree), and `release()` drops it. Prompt texts (`texts`) are embedded on every call.
   """
 
-  def __init__(self, fns: EmbedFns, index: pipeline.SplitIndex, *, cxr: preprocess.CxrSpec,
-               ecg: preprocess.EcgSpec):
-    self.fns, self.index, self.cxr_spec, self.ecg_spec = fns, index, cxr, ecg
-    self.label_names = {m: list(index.info.get(f"{m}_label_names", [])) for m in ("cxr", "ecg")}
-    self.num_records = {m: len(index.pool(m)) for m in ("cxr", "ecg")}
+  def __init__(self, fns: EmbedFns, index: pipeline.SplitIndex, specs: Mapping[str, Any], *,
+               report_modalities: Sequence[str] | None = None):
+    """`specs`: modality -> codec preprocessing spec, for the input modalities to evaluate;
+    `report_modalities`: those whose reports the model embeds (default: all of them)."""
+    self.fns, self.index, self.specs = fns, index, dict(specs)
+    self.modalities = sorted(self.specs)
+    self.report_modalities = self.modalities if report_modalities is None else sorted(report_modalities)
+    self.label_names = {m: schema.label_names(index.info, m) for m in self.modalities}
+    self.num_records = {m: len(index.pool(m)) for m in self.modalities}
     self._params, self._cache = None, {}
 
   def _cached(self, params, key, compute):
@@ -133,7 +137,7 @@ class SplitEmbedder:
   def modality(self, params, modality: str) -> ModalityEmbeddings:
     """Embeddings, record numbers, report keys and labels of every record with `modality`, in index order."""
     return self._cached(params, ("modality", modality), lambda: embed_split(
-        self.fns, params, self.index, modality, cxr=self.cxr_spec, ecg=self.ecg_spec))
+        self.fns, params, self.index, modality, self.specs[modality]))
 
   def reports(self, params, modality: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The split's distinct `modality` reports, their text keys [G, 2] and embeddings [G, d]."""

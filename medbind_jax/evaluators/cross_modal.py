@@ -42,10 +42,13 @@ class CrossModalEvaluator:
     self.notes = []
     results: dict[str, float] = {}
     for task in self.protocol.cross_modal_tasks:
-      problems = [f"{m} has no label {label!r}" for m, label in ((task.query, task.query_label),
-                                                                  (task.support, task.support_label))
-                  if label not in self.data.label_names[m]]
-      problems += [f"the split has no {m} records" for m in (task.query, task.support) if not self.data.num_records[m]]
+      problems = [f"the run has no {m} modality" for m in (task.query, task.support) if m not in self.data.modalities]
+      if not problems:
+        problems = [f"{m} has no label {label!r}" for m, label in ((task.query, task.query_label),
+                                                                    (task.support, task.support_label))
+                    if label not in self.data.label_names[m]]
+        problems += [f"the split has no {m} records" for m in (task.query, task.support)
+                     if not self.data.num_records[m]]
       if problems:
         self._skip(f"task {task.name}: " + "; ".join(problems))
         continue

@@ -69,7 +69,7 @@ class FewShotEvaluator:
   def run(self, params) -> dict[str, float]:
     self.notes = []
     results: dict[str, float] = {}
-    for modality in protocol_lib.MODALITIES:
+    for modality in self.data.modalities:
       if not self.data.num_records[modality]:
         self._skip(f"{modality}: the split has no {modality} records")
         continue
@@ -164,9 +164,9 @@ class FewShotEvaluator:
   def curves(self, results: dict[str, float]) -> dict[str, list[Curve]]:
     """{modality: [Curve]}: binary macro AUROC (or, for a modality without a macro, each label's AUROC) and each
     multi-class task's balanced accuracy, for the plot."""
-    out: dict[str, list[Curve]] = {m: [] for m in protocol_lib.MODALITIES}
+    out: dict[str, list[Curve]] = {m: [] for m in self.data.modalities}
     lines = []
-    for m in protocol_lib.MODALITIES:
+    for m in self.data.modalities:
       if f"{self.prefix}/{m}/macro/num_labels" in results:
         lines.append((m, f"{m}/macro", f"{m} binary macro AUROC", "auroc"))
       else:
@@ -185,7 +185,7 @@ class FewShotEvaluator:
   def summary(self, results: dict[str, float]) -> dict[str, float]:
     """Headline numbers: binary macro AUROC at the fewest and most shots, and each multi-class task's balanced
     accuracy at the most shots it was evaluated with."""
-    keys = [f"{self.prefix}/{m}/macro/{k}-shot/auroc_mean" for m in protocol_lib.MODALITIES
+    keys = [f"{self.prefix}/{m}/macro/{k}-shot/auroc_mean" for m in self.data.modalities
             for k in sorted({self.shots[0], self.shots[-1]})]
     for task in self.protocol.multiclass_tasks:
       ran = [f"{self.prefix}/{task.name}/{k}-shot/balanced_accuracy_mean" for k in self.shots]
@@ -205,9 +205,9 @@ class FewShotEvaluator:
                      else "–")
       return None if set(cells) == {"–"} else f"| {label} | {metric} | " + " | ".join(cells) + " |"
 
-    headline = [row(f"{m}/macro", f"{m} binary macro", "auroc") for m in protocol_lib.MODALITIES]
+    headline = [row(f"{m}/macro", f"{m} binary macro", "auroc") for m in self.data.modalities]
     headline += [row(t.name, t.name, "balanced_accuracy") for t in self.protocol.multiclass_tasks]
-    per_label = [row(f"{m}/{label}", f"{m}/{label}", "auroc") for m in protocol_lib.MODALITIES
+    per_label = [row(f"{m}/{label}", f"{m}/{label}", "auroc") for m in self.data.modalities
                  for label in self.data.label_names[m]]
     lines = [f"Ridge probe (closed form, l2={self.l2}) on frozen embeddings; {self.seeds} seeds; k examples per "
              "class drawn per seed, queries from every other patient.", "", *header, *filter(None, headline)]

@@ -10,7 +10,8 @@ A protocol is a JSON file (`protocols/<name>.json` in this package, or any path)
   cross_modal_tasks  [{"name", "query", "query_label", "support", "support_label"}]: queries of one modality
                      classified with support examples of the other, labelled with a finding the world links.
 
-Label names refer to the dataset's `cxr_label_names` / `ecg_label_names`; tasks naming labels a dataset lacks are
+Modalities are codec names ('cxr', 'ecg', or any registered one); label names refer to the dataset's
+`<modality>_label_names`; tasks naming modalities or labels a dataset lacks are
 skipped by the evaluators with a logged reason, so one protocol can be run on any data.
 """
 
@@ -20,7 +21,7 @@ import dataclasses
 import json
 import os
 
-MODALITIES = ("cxr", "ecg")
+TEXT = "text"  # reports, not a modality a protocol classifies
 _PACKAGED = os.path.join(os.path.dirname(__file__), "protocols")
 
 
@@ -73,8 +74,8 @@ def load(name_or_path: str) -> Protocol:
     fail('needs a non-empty "version"')
   prompts: dict[str, dict[str, Prompts]] = {}
   for modality, by_label in raw.get("prompts", {}).items():
-    if modality not in MODALITIES:
-      fail(f"prompts for unknown modality {modality!r}; known: {MODALITIES}")
+    if not modality or modality == TEXT:
+      fail(f"prompts must be keyed by an input modality (e.g. 'cxr'), got {modality!r}")
     prompts[modality] = {}
     for label, entry in by_label.items():
       if not entry.get("positive") or not entry.get("negative"):
@@ -82,13 +83,14 @@ def load(name_or_path: str) -> Protocol:
       prompts[modality][label] = Prompts(tuple(entry["positive"]), tuple(entry["negative"]))
   multiclass = []
   for task in raw.get("multiclass_tasks", []):
-    if task.get("modality") not in MODALITIES or len(task.get("classes", [])) < 2:
-      fail(f"multiclass task {task.get('name')!r} needs a modality in {MODALITIES} and at least 2 classes")
+    if task.get("modality") in (None, "", TEXT) or len(task.get("classes", [])) < 2:
+      fail(f"multiclass task {task.get('name')!r} needs an input modality and at least 2 classes")
     multiclass.append(MulticlassTask(task["name"], task["modality"], tuple(task["classes"])))
   cross = []
   for task in raw.get("cross_modal_tasks", []):
-    if {task.get("query"), task.get("support")} != set(MODALITIES):
-      fail(f"cross-modal task {task.get('name')!r}: query and support must be one each of {MODALITIES}")
+    query, support = task.get("query"), task.get("support")
+    if not query or not support or query == support or TEXT in (query, support):
+      fail(f"cross-modal task {task.get('name')!r}: query and support must be two different input modalities")
     cross.append(CrossModalTask(task["name"], task["query"], task["query_label"], task["support"],
                                 task["support_label"]))
   names = [t.name for t in multiclass] + [t.name for t in cross]

@@ -27,6 +27,7 @@ MAP_FILE, FEW_SHOT_FILE = "embedding_map.png", "few_shot_curves.png"
 _TITLES = {"retrieval": "Retrieval", "zero_shot": "Zero-shot classification", "few_shot": "Few-shot linear probe",
            "cross_modal": "CXR<->ECG cross-modal zero-shot classification"}
 _OTHER = "other"
+_REPORT = " report"  # suffix of a modality's report group in the map
 
 
 def write(out_dir: str, results: Mapping[str, float], *, step: int | None, evaluators: Mapping, data:
@@ -40,7 +41,7 @@ def write(out_dir: str, results: Mapping[str, float], *, step: int | None, evalu
   os.replace(paths[0] + ".tmp", paths[0])
   figures = []
   if plots:
-    if data.num_records["cxr"] + data.num_records["ecg"] >= 4:
+    if sum(data.num_records.values()) >= 4:
       plot_embedding_map(os.path.join(out_dir, MAP_FILE), embedding_map_points(data, params, protocol, plot_points))
       figures.append(("Joint embedding space (t-SNE)", MAP_FILE))
     for evaluator in evaluators.values():
@@ -70,8 +71,9 @@ def markdown(results: Mapping[str, float], *, step, evaluators: Mapping, data: c
              protocol: protocol_lib.Protocol, figures: list[tuple[str, str]]) -> str:
   index = data.index
   parts = [f"# MEDBind evaluation{f' at step {step}' if step is not None else ''}", "",
-           f"Split `{index.split}` of `{index.data_dir}`: {data.num_records['cxr']} CXR and "
-           f"{data.num_records['ecg']} ECG records. Protocol `{protocol.version}`. Evaluators: "
+           f"Split `{index.split}` of `{index.data_dir}`: "
+           + ", ".join(f"{data.num_records[m]} {m}" for m in data.modalities)
+           + f" records. Protocol `{protocol.version}`. Evaluators: "
            + ", ".join(f"`{name}`" for name in evaluators) + ". Every number is in `metrics.json`.", "",
            "## Summary", "", summary_table(results, evaluators)]
   for name, evaluator in evaluators.items():
@@ -98,13 +100,13 @@ def finding_categories(labels: np.ndarray, names: list[str], classes: list[str])
 
 def embedding_map_points(data: common.SplitEmbedder, params, protocol: protocol_lib.Protocol,
                          max_points: int) -> dict[str, tuple[np.ndarray, list[str]]]:
-  """{group: (embeddings [n, d], finding per point)} for groups 'cxr', 'cxr report', 'ecg', 'ecg report'.
+  """{group: (embeddings [n, d], finding per point)} for groups '<m>' and '<m> report' per modality.
 
   At most `max_points` records per modality (a fixed random subset); each distinct report of those records is one
   text point, coloured by the finding of the first record that has it.
   """
   groups = {}
-  for modality in protocol_lib.MODALITIES:
+  for modality in data.modalities:
     if not data.num_records[modality]:
       continue
     emb = data.modality(params, modality)
@@ -116,12 +118,14 @@ def embedding_map_points(data: common.SplitEmbedder, params, protocol: protocol_
       rows = np.sort(np.random.default_rng(0).choice(rows, max_points, replace=False))
     category = finding_categories(emb.labels[rows], names, classes)
     groups[modality] = (emb.emb[rows], category)
+    if modality not in data.report_modalities:
+      continue
     _, keys, report_emb = data.reports(params, modality)
     report_row = {tuple(k): i for i, k in enumerate(keys.tolist())}
     first = {}
     for key, cat in zip(emb.text_key[rows].tolist(), category):
       first.setdefault(report_row[tuple(key)], cat)
-    groups[f"{modality} report"] = (report_emb[list(first)], list(first.values()))
+    groups[modality + _REPORT] = (report_emb[list(first)], list(first.values()))
   return groups
 
 
@@ -130,25 +134,28 @@ def plot_embedding_map(path: str, groups: Mapping[str, tuple[np.ndarray, list[st
   coords = tsne.tsne(np.concatenate([groups[g][0] for g in names]))
   bounds = np.cumsum([0] + [len(groups[g][1]) for g in names])
   xy = {g: coords[bounds[i]:bounds[i + 1]] for i, g in enumerate(names)}
-  modalities = [m for m in protocol_lib.MODALITIES if m in groups]
+  modalities = [g for g in names if not g.endswith(_REPORT)]
   fig = Figure(figsize=(6.5 * (1 + len(modalities)), 7.0), dpi=110, layout="constrained")
   axes = fig.subplots(1, 1 + len(modalities))
-  style = {"cxr": ("CXR", "tab:blue", "o"), "cxr report": ("CXR report", "tab:cyan", "x"),
-           "ecg": ("ECG", "tab:red", "^"), "ecg report": ("ECG report", "tab:orange", "+")}
+  style = {}  # modality k: k-th colour pair of the "tab20" palette (dark for inputs, light for their reports)
+  palette = matplotlib.colormaps["tab20"].colors
+  for k, m in enumerate(modalities):
+    style[m] = (m.upper(), palette[(2 * k) % 20], "o^sDv"[k % 5])
+    style[m + _REPORT] = (f"{m.upper()} report", palette[(2 * k + 1) % 20], "x+1234"[k % 6])
   for g in names:
     label, colour, marker = style[g]
-    axes[0].scatter(*xy[g].T, s=14, c=colour, marker=marker, alpha=0.7, linewidths=0.8, label=f"{label} ({len(xy[g])})")
-  axes[0].set_title("by modality (o / ^: CXR / ECG, x / +: their reports)")
+    axes[0].scatter(*xy[g].T, s=14, color=colour, marker=marker, alpha=0.7, linewidths=0.8, label=f"{label} ({len(xy[g])})")
+  axes[0].set_title("by modality (reports: line markers in the lighter shade)")
   axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.03), ncol=2, fontsize=9, frameon=False)
   for ax, modality in zip(axes[1:], modalities):
     for g in names:  # the other modality's points as a grey backdrop
-      if not g.startswith(modality):
+      if g not in (modality, modality + _REPORT):
         ax.scatter(*xy[g].T, s=6, c="0.85", marker="o", linewidths=0)
-    cats = sorted({c for g in (modality, f"{modality} report") if g in groups for c in groups[g][1]},
+    cats = sorted({c for g in (modality, modality + _REPORT) if g in groups for c in groups[g][1]},
                   key=lambda c: (c == _OTHER, c))
     palette = dict(zip([c for c in cats if c != _OTHER], _colours(len(cats))))
     palette[_OTHER] = "0.55"
-    for g, marker, size in ((modality, "o", 16), (f"{modality} report", "x", 26)):
+    for g, marker, size in ((modality, "o", 16), (modality + _REPORT, "x", 26)):
       if g not in groups:
         continue
       colours = [palette[c] for c in groups[g][1]]

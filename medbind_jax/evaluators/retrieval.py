@@ -1,10 +1,12 @@
-"""Top-K retrieval in six directions: CXR->text, ECG->text, text->CXR, text->ECG, CXR->ECG, ECG->CXR.
+"""Top-K retrieval along the run's edges: M->text and text->M for every tmcl edge, A->B and B->A for every pair
+edge (MEDBind: CXR->text, ECG->text, text->CXR, text->ECG, CXR->ECG, ECG->CXR).
 
 - modality->text: the gallery is the split's de-duplicated set of that modality's reports; a query is correct
   at K when the text identical (after normalising case and space) to its own report is in the top K.
 - text->modality: each distinct report is a query; correct when any record with that report is in the top K.
-- CXR<->ECG: the linked records of the split; correct when the partner from the same encounter is in the top K.
-- CXR<->ECG within findings (`retrieval_within_findings/...`): the same linked queries, but the gallery is only
+- A<->B (pair edge): the linked records of the split that have both; correct when the partner from the same
+  encounter is in the top K.
+- A<->B within findings (`retrieval_within_findings/...`): the same linked queries, but the gallery is only
   the partners whose report states exactly the findings of the true partner's (same label vector), so the
   reports cannot tell them apart and only what the two signals share beyond their reports (continuous severity,
   in the synthetic world) can rank the true one first. R@1 with its chance level, and the pairwise accuracy: the
@@ -22,35 +24,48 @@ from medbind_jax.evaluators import common, metrics
 
 
 class RetrievalEvaluator:
-  """`RetrievalEvaluator(data, ks=(1, 5, 10)).run(params) -> {'retrieval/<dir>/R@K': value, ...}`."""
+  """`RetrievalEvaluator(data, text_modalities, pairs, ks=(1, 5, 10)).run(params) -> {'retrieval/<dir>/R@K': ...}`.
 
-  def __init__(self, data: common.SplitEmbedder, *, ks=(1, 5, 10), prefix: str = "retrieval"):
+  `text_modalities`: modalities retrieved against their reports; `pairs`: (A, B) modality pairs retrieved across
+  linked records."""
+
+  def __init__(self, data: common.SplitEmbedder, text_modalities, pairs, *, ks=(1, 5, 10),
+               prefix: str = "retrieval"):
     self.data, self.index = data, data.index
+    self.text_modalities = [m for m in text_modalities if m in data.modalities]
+    self.pairs = [tuple(p) for p in pairs if set(p) <= set(data.modalities)]
     self.ks, self.prefix = tuple(ks), prefix
     self.notes: list[str] = []
 
   def run(self, params) -> dict[str, float]:
-    emb = {m: self.data.modality(params, m) for m in ("cxr", "ecg")}
+    self.notes = []
+    emb = {m: self.data.modality(params, m) for m in self.data.modalities if self.data.num_records[m]}
     results: dict[str, float] = {}
     recalls = {}
-    for m in ("cxr", "ecg"):
+    for m in self.text_modalities:
+      if m not in emb:
+        self.notes.append(f"{m}<->text: the split has no {m} records")
+        continue
       _, keys, text_emb = self.data.reports(params, m)
       correct = common.same_key(emb[m].text_key, keys)  # [N, G]
       recalls[f"{m}_to_text"] = self._direction(results, f"{m}_to_text", emb[m].emb @ text_emb.T, correct)
       recalls[f"text_to_{m}"] = self._direction(results, f"text_to_{m}", text_emb @ emb[m].emb.T, correct.T)
-    linked = np.array([i for i, r in enumerate(self.index.records) if r.linked], np.int64)
-    if len(linked):
-      cxr_rows = _rows_of(emb["cxr"].index, linked)
-      ecg_rows = _rows_of(emb["ecg"].index, linked)
-      scores = emb["cxr"].emb[cxr_rows] @ emb["ecg"].emb[ecg_rows].T
+    for a, b in self.pairs:
+      linked = self.index.linked_pool((a, b))
+      if not len(linked):
+        self.notes.append(f"{a}<->{b}: the split has no linked records with both")
+        continue
+      rows = {m: _rows_of(emb[m].index, linked) for m in (a, b)}
+      scores = emb[a].emb[rows[a]] @ emb[b].emb[rows[b]].T
       identity = np.eye(len(linked), dtype=bool)
-      recalls["cxr_to_ecg"] = self._direction(results, "cxr_to_ecg", scores, identity)
-      recalls["ecg_to_cxr"] = self._direction(results, "ecg_to_cxr", scores.T, identity)
-      findings = {m: np.array([" ".join(map(str, row)) for row in emb[m].labels[rows].astype(int)])
-                  for m, rows in (("cxr", cxr_rows), ("ecg", ecg_rows))}
-      for name, pair_scores, partner in (("cxr_to_ecg", scores, "ecg"), ("ecg_to_cxr", scores.T, "cxr")):
+      recalls[f"{a}_to_{b}"] = self._direction(results, f"{a}_to_{b}", scores, identity)
+      recalls[f"{b}_to_{a}"] = self._direction(results, f"{b}_to_{a}", scores.T, identity)
+      findings = {m: np.array([" ".join(map(str, row)) for row in emb[m].labels[rows[m]].astype(int)])
+                  for m in (a, b)}
+      for name, pair_scores, partner in ((f"{a}_to_{b}", scores, b), (f"{b}_to_{a}", scores.T, a)):
         results.update(within_groups(pair_scores, findings[partner], f"retrieval_within_findings/{name}"))
-    results[f"{self.prefix}/rsum"] = metrics.rsum(recalls, self.ks)
+    if recalls:
+      results[f"{self.prefix}/rsum"] = metrics.rsum(recalls, self.ks)
     return results
 
   def summary(self, results: dict[str, float]) -> dict[str, float]:
@@ -60,9 +75,11 @@ class RetrievalEvaluator:
 
   def table(self, results: dict[str, float]) -> str:
     lines = ["R@K in %, chance level in brackets.", "", format_table(results, self.prefix, self.ks)]
+    if self.pairs:
+      lines[0] += " Pair directions rank the linked partner among the split's linked records."
     within = sorted({k.split("/")[1] for k in results if k.startswith("retrieval_within_findings/")})
     if within:
-      lines += ["", "Linked CXR<->ECG within same-findings galleries (what the signals share beyond their reports):",
+      lines += ["", "Linked pairs within same-findings galleries (what the signals share beyond their reports):",
                 "", "| direction | queries (with impostors) | R@1 (chance) | pairwise accuracy (chance 50) |",
                 "|---|---:|---:|---:|"]
       for d in within:
@@ -118,5 +135,6 @@ def format_table(results: dict[str, float], prefix: str = "retrieval", ks=(1, 5,
     cells = [f"{100 * results[f'{base}/R@{k}']:.1f} ({100 * results[f'{base}/chance@{k}']:.1f})" for k in ks]
     lines.append(f"| {d} | {results[f'{base}/num_queries']:.0f} | {results[f'{base}/gallery_size']:.0f} | "
                  + " | ".join(cells) + " |")
-  lines.append(f"\nRSUM: {results[f'{prefix}/rsum']:.1f}")
+  if f"{prefix}/rsum" in results:
+    lines.append(f"\nRSUM: {results[f'{prefix}/rsum']:.1f}")
   return "\n".join(lines)

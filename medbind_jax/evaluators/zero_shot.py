@@ -55,7 +55,7 @@ class ZeroShotEvaluator:
   def run(self, params) -> dict[str, float]:
     self.notes = []
     labels = {}
-    for modality in protocol_lib.MODALITIES:
+    for modality in self.data.modalities:
       prompts = self.protocol.prompts.get(modality, {})
       if not self.data.num_records[modality]:
         self._skip(f"{modality}: the split has no {modality} records")
@@ -120,7 +120,7 @@ class ZeroShotEvaluator:
 
   def summary(self, results: dict[str, float]) -> dict[str, float]:
     """Headline numbers: macro AUROC per modality, balanced accuracy per multi-class task."""
-    keys = [f"{self.prefix}/{m}/macro_auroc" for m in protocol_lib.MODALITIES]
+    keys = [f"{self.prefix}/{m}/macro_auroc" for m in self.data.modalities]
     keys += [f"{self.prefix}/{t.name}/balanced_accuracy" for t in self.protocol.multiclass_tasks]
     return {k: results[k] for k in keys if k in results}
 
@@ -128,7 +128,7 @@ class ZeroShotEvaluator:
     """Markdown: per-label binary AUROC / balanced accuracy per modality, then the multi-class tasks."""
     lines = [f"Prompts: protocol `{self.protocol.version}`. Binary: finding vs absent prompt ensembles.", "",
              "| modality | label | positives / examples | AUROC | balanced acc. |", "|---|---|---:|---:|---:|"]
-    for modality in protocol_lib.MODALITIES:
+    for modality in self.data.modalities:
       for label in self.data.label_names[modality]:
         base = f"{self.prefix}/{modality}/{label}"
         if f"{base}/auroc" in results:
