@@ -1,5 +1,6 @@
 r"""The paper's "with vs without EMCL" ablation: the default config with emcl_weight 1 and 0, several seeds each, the
-evaluation suite on every run, and a table of every metric as mean ± std per arm.
+evaluation suite on every run, and a table of every metric as mean ± std per arm. emcl_weight is the weight of the
+CXR<->ECG edge, `config.loss.edges.cxr_ecg.weight` (MEDBind's lambda), set through the config argument.
 
   python -m bench.ablation --root workdirs/ablation --out docs/ablation_emcl.md          # 2 arms x 3 seeds
   python -m bench.ablation --root /tmp/ablation --steps 20 --seeds 0 --out /tmp/ablation/table.md  # a quick check
@@ -44,7 +45,8 @@ def workdir_of(root: str, weight: float, seed: int) -> str:
 
 def default_config(seed: int, weight: float, *, steps: int = 0, config_arg: str = "",
                    overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """`configs/medbind.py:seed=S,emcl_weight=W[,steps=N][,config_arg]` with `path.to.field=value` overrides."""
+  """`configs/medbind.py:seed=S,emcl_weight=W[,steps=N][,config_arg]` with `path.to.field=value` overrides
+  (e.g. `loss.edges.cxr_ecg.negatives=all`); `emcl_weight=W` sets `config.loss.edges.cxr_ecg.weight`."""
   arg = ",".join(filter(None, [f"seed={seed}", f"emcl_weight={weight}", f"steps={steps}" if steps else "",
                                config_arg]))
   config = medbind.get_config(arg)
@@ -139,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--root", required=True, help="one workdir per run is made under it")
   parser.add_argument("--out", default="docs/ablation_emcl.md", help="the comparison table (markdown)")
   parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (at least 3 for the real ablation)")
-  parser.add_argument("--weights", default="1,0", help="comma-separated emcl_weight values, one arm each")
+  parser.add_argument("--weights", default="1,0",
+                      help="comma-separated emcl_weight values (loss.edges.cxr_ecg.weight), one arm each")
   parser.add_argument("--steps", type=int, default=0, help="training steps per run (0: the config's default)")
   parser.add_argument("--config_arg", default="", help="extra configs/medbind.py arguments, e.g. batch_size=64")
   parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",

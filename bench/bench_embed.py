@@ -4,14 +4,17 @@
   python -m bench.bench_embed --batch-size 64 --batches 5 --modalities cxr,ecg
 
 The model is `configs/medbind.get_config()`'s: ViT CXR tower and ECG transformer at random init (throughput does
-not depend on the weights), the packaged MiniLM text trunk (frozen, `trunk = "cached"`: at inference it runs on
-every text) and the heads. Two figures per modality, each after one warm-up batch that compiles:
+not depend on the weights), the packaged MiniLM text trunk (frozen, `model.towers.text.trunk = "cached"`: at
+inference it runs on every text) and the heads. Two figures per modality, each after one warm-up batch that
+compiles:
 
-  end-to-end   `Embedder.embed_*` on raw inputs: CXR = PNG bytes (the real fixture images, 512x512 like the
-               originals) decoded, resized to 64 px and normalised; ECG = 10 s 12-lead arrays at 500 Hz (the real
-               fixture records) checked, resampled to 100 Hz and cut to 1000 samples; text = real radiology
-               reports (IU X-ray), tokenised to 64 tokens. Host preparation overlaps the device's previous batch.
-  model only   the jitted embedding function on an already prepared batch (text: already tokenised).
+  end-to-end   `Embedder.embed(modality, ...)` on raw inputs: CXR = PNG bytes (the real fixture images, 512x512
+               like the originals) decoded, resized to 64 px and normalised; ECG = 10 s 12-lead arrays at 500 Hz
+               (the real fixture records) checked, resampled to 100 Hz and cut to 1000 samples; text = real
+               radiology reports (IU X-ray), tokenised to 128 tokens (config.data.text_max_length). Host
+               preparation overlaps the device's previous batch.
+  model only   the jitted embedding function (`embedder.fns.inputs[modality]`) on a batch the modality's codec
+               loader already prepared (text: the text trunk and head on already tokenised reports).
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from PIL import Image
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import medbind  # pylint: disable=wrong-import-position
-from medbind_jax import inference, train  # pylint: disable=wrong-import-position
-from medbind_jax.data import preprocess  # pylint: disable=wrong-import-position
+from medbind_jax import inference, runs  # pylint: disable=wrong-import-position
+from medbind_jax.data import codecs  # pylint: disable=wrong-import-position
 from medbind_jax.model import MedBind, build_model, init_params  # pylint: disable=wrong-import-position
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "real"
+# Each modality's `Embedder.embed` options for the raw inputs of `raw_inputs` (ECG: arrays at 500 Hz).
+EMBED_OPTIONS = {"ecg": {"sampling_rate": 500.0}}
 
 
 def raw_inputs(modality: str, n: int) -> list:
@@ -74,16 +79,16 @@ def main():
   args = parser.parse_args()
 
   config = medbind.get_config()
-  model, pretrained = build_model(config.model)
+  model, pretrained = build_model(config)
   params = init_params(model, jax.random.key(0), pretrained)
-  text_params = params.pop("text_encoder")  # the frozen trunk, as a `trunk = "cached"` run keeps it
+  text_params = params["towers"].pop(codecs.TEXT)  # the frozen trunk, as a `trunk = "cached"` run keeps it
   batch_size = args.batch_size or config.eval.batch_size
   embedder = inference.Embedder(config, model, params, text_params=text_params, batch_size=batch_size)
   device_text_params = jax.device_put(text_params, jax.local_devices()[0])
-  text_trunk = train.text_trunk_fn(model)
-  text_project = jax.jit(lambda p, f: model.apply({"params": p}, "text", f, method=MedBind.project))
-  num_params = {m: sum(x.size for x in jax.tree.leaves(params[f"{m}_encoder"] if m != "text" else text_params))
-                for m in ("cxr", "ecg", "text")}
+  text_trunk = runs.text_trunk_fn(model)
+  text_project = jax.jit(lambda p, f: model.apply({"params": p}, codecs.TEXT, f, method=MedBind.project))
+  towers = {**params["towers"], codecs.TEXT: text_params}
+  num_params = {m: sum(x.size for x in jax.tree.leaves(tower)) for m, tower in towers.items()}
 
   print(f"devices: {jax.devices()}; default config (configs/medbind.py), batch size {batch_size}, "
         f"{args.batches} timed batches after one warm-up")
@@ -93,19 +98,18 @@ def main():
             "text": f"report -> {config.data.text_max_length} tokens"}
   for modality in args.modalities.split(","):
     raw = raw_inputs(modality, batch_size)
-    method = {"cxr": embedder.embed_cxr, "ecg": lambda x: embedder.embed_ecg(x, sampling_rate=500.0),
-              "text": embedder.embed_text}[modality]
-    end_to_end = timed(lambda: method(raw), args.batches)
-    if modality == "text":
+    options = EMBED_OPTIONS.get(modality, {})
+    end_to_end = timed(lambda: embedder.embed(modality, raw, **options).embeddings, args.batches)
+    if modality == codecs.TEXT:
       tokens = embedder.tokenize(raw)
       model_only = timed(lambda: np.asarray(text_project(embedder.params, text_trunk(device_text_params, tokens))),
                          args.batches)
     else:
-      batch = np.stack([preprocess.preprocess_cxr(x, embedder.cxr_spec) if modality == "cxr"
-                        else preprocess.preprocess_ecg(x, 500.0, embedder.ecg_spec) for x in raw])
-      fn = embedder.fns.cxr if modality == "cxr" else embedder.fns.ecg
+      load = codecs.get(modality).input_loader(embedder.specs[modality], len(raw), **options)
+      batch = np.stack([load(x, f"{modality}[{i}]", i) for i, x in enumerate(raw)])
+      fn = embedder.fns.inputs[modality]
       model_only = timed(lambda: np.asarray(fn(embedder.params, batch)), args.batches)
-    tower = config.model[modality].name + (" (MiniLM)" if modality == "text" else "")
+    tower = config.model.towers[modality].name + (" (MiniLM)" if modality == codecs.TEXT else "")
     print(f"{modality:8s} {tower:16s} {num_params[modality] / 1e6:8.2f} {inputs[modality]:44s} "
           f"{batch_size / end_to_end:16.1f} {batch_size / model_only:16.1f}", flush=True)
 

@@ -22,8 +22,9 @@ def test_finished_runs_are_skipped_and_the_others_trained_with_their_seed_and_we
   trained = []
 
   def fake_train(config, workdir):
-    trained.append((config.seed, config.loss.emcl_weight, config.cache_dir, workdir))
-    _write_eval(workdir, config.total_steps, **{"retrieval/rsum": 100.0 * config.loss.emcl_weight + config.seed})
+    weight = config.loss.edges.cxr_ecg.weight  # the arm's EMCL weight (MEDBind's lambda)
+    trained.append((config.seed, weight, config.cache_dir, workdir))
+    _write_eval(workdir, config.total_steps, **{"retrieval/rsum": 100.0 * weight + config.seed})
 
   monkeypatch.setattr(ablation.train, "train_and_evaluate", fake_train)
   results = ablation.run_arms(root, [0, 1], [1.0, 0.0], lambda seed, weight: ablation.default_config(
@@ -34,7 +35,7 @@ def test_finished_runs_are_skipped_and_the_others_trained_with_their_seed_and_we
                      (1, 0.0, cache, ablation.workdir_of(root, 0.0, 1))]
   assert [[r["retrieval/rsum"] for r in results[w]] for w in (1.0, 0.0)] == [[300.0, 101.0], [0.0, 1.0]]
   config = ablation.default_config(2, 0.0, steps=10, overrides=["eval.plot_points=7", "data.dir=/elsewhere"])
-  assert (config.seed, config.loss.emcl_weight, config.total_steps) == (2, 0.0, 10)
+  assert (config.seed, config.loss.edges.cxr_ecg.weight, config.total_steps) == (2, 0.0, 10)
   assert config.eval.plot_points == 7 and config.data.dir == "/elsewhere"
 
 
@@ -57,3 +58,5 @@ def test_default_config_rejects_unknown_fields():
   with pytest.raises((KeyError, AttributeError)):
     ablation.default_config(0, 1.0, overrides=["eval.no_such_field=1"])
   assert isinstance(ablation.default_config(0, 1.0), ml_collections.ConfigDict)
+  config = ablation.default_config(0, 1.0, overrides=["loss.edges.cxr_ecg.negatives=all"])  # a keyed edge's field
+  assert config.loss.edges.cxr_ecg.negatives == "all" and config.loss.edges.cxr_ecg.weight == 1.0
