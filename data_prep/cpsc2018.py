@@ -145,13 +145,14 @@ def convert_record(task: CpscTask, options: cli.Options) -> schema.Encounter:
   if not task.record_path:
     raise RecordError("missing file", f"no {task.record_id}.hea or {task.record_id}.mat under --src")
   if task.record_format == "mat":
-    ecg = ecg_io.prepare_ecg(read_original_mat(task.record_path, task.mat_units), options)
+    ecg, extras = ecg_io.prepare_ecg(read_original_mat(task.record_path, task.mat_units), options)
   else:
-    ecg = ecg_io.wfdb_ecg(task.record_path, options)
+    ecg, extras = ecg_io.wfdb_ecg(task.record_path, options)
   return schema.Encounter(
       encounter_id=task.record_id, patient_id=task.record_id, split=task.split, dataset=SPEC.name,
       parts={"ecg": schema.Part(data=ecg, report=class_text(task.classes),
-                                labels=tuple(float(c in task.classes) for c in CLASSES), study_id=task.record_id)})
+                                labels=tuple(float(c in task.classes) for c in CLASSES), study_id=task.record_id)},
+      extras=extras)
 
 
 def convert(src: str, out: str, options: cli.Options, *, fractions: Sequence[float] = DEFAULT_FRACTIONS,

@@ -1,8 +1,9 @@
 """ECG input and output of the converters: reading WFDB records, matching leads by name, and the stored form.
 
-`read_wfdb` (checked reading, in mV), `canonical_lead_order` (leads matched by name into `schema.LEADS_12`),
-`resample`, `quantize_ecg` (int16 + per-lead gain), and `prepare_ecg` / `wfdb_ecg`: a source ECG -> the
-`codecs.EcgData` payload of a record's "ecg" part. `ECG_STORAGE` states the stored precision in dataset_info.json.
+`read_wfdb` (checked reading, in mV), `match_leads` (leads matched by name into `schema.LEADS_12` with the
+package's one rule, `medbind_jax.data.leads`), `resample`, `quantize_ecg` (int16 + per-lead gain), and
+`prepare_ecg` / `wfdb_ecg`: a source ECG -> the `codecs.EcgData` payload of a record's "ecg" part and the record's
+extras. `ECG_STORAGE` states the stored precision in dataset_info.json.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from fractions import Fraction
 from typing import Sequence
 
@@ -19,12 +19,14 @@ from scipy import signal as scipy_signal
 
 from data_prep import cli
 from data_prep.errors import RecordError
-from medbind_jax.data import codecs, schema
+from medbind_jax.data import codecs, leads, schema
 
 INT16_MAX = 32767
 FLAT_PTP_MV = 1e-3  # a lead whose peak-to-peak is below 1 uV over the whole record counts as flat (disconnected)
 # Bytes per sample of the WFDB storage formats whose file size can be checked before reading.
 _WFDB_BYTES_PER_SAMPLE = {"8": 1, "16": 2, "61": 2, "80": 1, "160": 2, "212": 1.5, "24": 3, "32": 4}
+# Record extra ([12] floats) marking the leads a source held inverted ('-aVR') and conversion negated back.
+INVERTED_LEADS = "ecg_inverted_leads"
 _UNITS_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "v": 1e3}
 
 
@@ -96,32 +98,13 @@ def read_wfdb(record_path: str) -> EcgSignal:
                    list(record.comments or []))
 
 
-def lead_key(name: str) -> str:
-  """Normalised lead name: case, spaces, '-' / '_' and a leading 'lead' ignored ('AVR', 'aVR', 'Lead_avr')."""
-  key = re.sub(r"[\s_\-]", "", str(name)).lower()
-  return key[4:] if key.startswith("lead") and len(key) > 4 else key
-
-
-_CANONICAL_KEYS = {lead_key(lead): i for i, lead in enumerate(schema.LEADS_12)}
-
-
-def canonical_lead_order(leads: Sequence[str]) -> list[int]:
-  """Column index of each of `schema.LEADS_12` in `leads`, matched by name (never by position).
-
-  Leads beyond the 12 (e.g. Frank vx/vy/vz) are ignored. RecordError when a lead is missing or named twice.
-  """
-  found: dict[int, int] = {}
-  for column, name in enumerate(leads):
-    canonical = _CANONICAL_KEYS.get(lead_key(name))
-    if canonical is None:
-      continue
-    if canonical in found:
-      raise RecordError("duplicate lead", f"{schema.LEADS_12[canonical]} appears twice in {list(leads)}")
-    found[canonical] = column
-  missing = [lead for i, lead in enumerate(schema.LEADS_12) if i not in found]
-  if missing:
-    raise RecordError("missing leads", f"{missing}; the record has {list(leads)}")
-  return [found[i] for i in range(len(schema.LEADS_12))]
+def match_leads(names: Sequence[str]) -> tuple[list[int], list[int]]:
+  """`leads.match_leads` (the package's one lead-name rule) with its LeadError as RecordError of the same kind
+  ("missing leads" / "duplicate lead") and message, so conversion error logs count and explain it."""
+  try:
+    return leads.match_leads(names)
+  except leads.LeadError as err:
+    raise RecordError(err.kind, err.detail) from err
 
 
 def resample(signal_mv: np.ndarray, rate_in: float, rate_out: float) -> np.ndarray:
@@ -138,7 +121,9 @@ ECG_STORAGE = ("int16 samples [num_samples, 12] in I, II, III, aVR, aVL, aVF, V1
                "per lead (ADC units per mV, value_mV = sample / gain) chosen so the lead's peak |value| maps to "
                "32767: |stored - source| <= 0.5 / gain mV (+ float32 rounding), i.e. <= 0.5 uV for leads within "
                "+-32.7 mV; resampled with scipy.signal.resample_poly to conversion_options.sampling_rate and cut "
-               "to the first conversion_options.num_samples")
+               "to the first conversion_options.num_samples; a source lead named inverted ('-aVR', see "
+               "medbind_jax.data.leads) is negated back to the true lead and marked 1 in the record's "
+               f"extra/{INVERTED_LEADS} [12]")
 
 
 def quantize_ecg(signal_mv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -161,19 +146,20 @@ def quantize_ecg(signal_mv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     gain = np.where(over, np.nextafter(gain, np.float32(0)), gain).astype(np.float32)
 
 
-def prepare_ecg(ecg: EcgSignal, options: cli.Options) -> codecs.EcgData:
-  """Source ECG -> the stored payload (12 leads by name, checked, resampled, cropped, quantised).
+def prepare_ecg(ecg: EcgSignal, options: cli.Options) -> tuple[codecs.EcgData, dict[str, list[float]]]:
+  """Source ECG -> (the stored payload: 12 leads by name, checked, resampled, cropped, quantised; the record's
+  extras: {INVERTED_LEADS: [12] 1.0 where the source held the inverted lead} when it held any, else {}).
 
-  Order: leads reordered into `schema.LEADS_12` by name; non-finite samples rejected; the whole record
-  resampled to `options.sampling_rate` (`resample`); the first `options.num_samples` kept (shorter records keep
-  their length: the training pipeline pads); flat leads (peak-to-peak < 1 uV) rejected; `quantize_ecg`.
+  Order: leads matched into `schema.LEADS_12` by name (`match_leads`), an inverted source lead ('-aVR') negated
+  back to the lead; non-finite samples rejected; the whole record resampled to `options.sampling_rate`
+  (`resample`); the first `options.num_samples` kept (shorter records keep their length: the training pipeline
+  pads); flat leads (peak-to-peak < 1 uV) rejected; `quantize_ecg`.
   """
-  columns = canonical_lead_order(ecg.leads)
-  signal_mv = np.asarray(ecg.signal_mv, np.float64)[:, columns]
-  bad = ~np.isfinite(signal_mv)
-  if bad.any():
-    leads = [schema.LEADS_12[i] for i in np.flatnonzero(bad.any(axis=0))]
-    raise RecordError("non-finite samples", f"{int(bad.sum())} in leads {leads}")
+  columns, signs = match_leads(ecg.leads)
+  signal_mv = np.asarray(ecg.signal_mv, np.float64)[:, columns] * np.asarray(signs, np.float64)
+  bad = leads.non_finite(signal_mv, schema.LEADS_12)
+  if bad:
+    raise RecordError("non-finite samples", bad)
   if not ecg.sampling_rate > 0:
     raise RecordError("bad sampling rate", f"{ecg.sampling_rate}")
   signal_mv = resample(signal_mv, ecg.sampling_rate, options.sampling_rate)
@@ -186,10 +172,11 @@ def prepare_ecg(ecg: EcgSignal, options: cli.Options) -> codecs.EcgData:
     raise RecordError("flat leads", f"{[schema.LEADS_12[i] for i in np.flatnonzero(flat)]} (peak-to-peak "
                       f"below {FLAT_PTP_MV * 1000:g} uV)")
   samples, gain = quantize_ecg(signal_mv)
-  return codecs.EcgData(samples=samples, gain=[float(g) for g in gain], leads=schema.LEADS_12,
+  data = codecs.EcgData(samples=samples, gain=[float(g) for g in gain], leads=schema.LEADS_12,
                         sampling_rate=float(options.sampling_rate))
+  return data, ({INVERTED_LEADS: [float(sign < 0) for sign in signs]} if min(signs) < 0 else {})
 
 
-def wfdb_ecg(record_path: str, options: cli.Options) -> codecs.EcgData:
+def wfdb_ecg(record_path: str, options: cli.Options) -> tuple[codecs.EcgData, dict[str, list[float]]]:
   """`prepare_ecg(read_wfdb(record_path), options)`."""
   return prepare_ecg(read_wfdb(record_path), options)

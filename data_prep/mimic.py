@@ -102,11 +102,14 @@ def plan(src: str, ecg_src: str, *, reports: str | None = None, admissions: str 
 
 def convert_record(task: MimicTask, options: cli.Options) -> schema.Encounter:
   parts, extras = {}, {}
-  for modality, study, build in (("cxr", task.cxr, mimic_cxr.cxr_part), ("ecg", task.ecg, mimic_ecg.ecg_part)):
+  builders = (("cxr", task.cxr, lambda study: (mimic_cxr.cxr_part(study, options), {})),
+              ("ecg", task.ecg, lambda study: mimic_ecg.ecg_part(study, options)))  # (part, record extras)
+  for modality, study, build in builders:
     if study is None:
       continue
     try:
-      parts[modality] = build(study, options)
+      parts[modality], part_extras = build(study)
+      extras.update(part_extras)
     except RecordError as err:
       raise RecordError(err.kind, f"{modality.upper()} {study.record_id}: {err.detail}") from err
   if task.cxr is not None:

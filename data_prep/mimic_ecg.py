@@ -88,17 +88,19 @@ def plan_studies(src: str, fractions: Sequence[float] = DEFAULT_FRACTIONS
   return tasks, errors
 
 
-def ecg_part(task: EcgStudy, options: cli.Options) -> schema.Part:
-  """The "ecg" part of a record (also used by data_prep/mimic.py)."""
+def ecg_part(task: EcgStudy, options: cli.Options) -> tuple[schema.Part, dict[str, list[float]]]:
+  """The "ecg" part of a record and the record's extras from it (see `ecg_io.prepare_ecg`; also used by
+  data_prep/mimic.py)."""
   if not task.report:
     raise RecordError("empty report", f"no machine statements for study {task.study_id}")
-  return schema.Part(data=ecg_io.wfdb_ecg(task.record_path, options), report=task.report,
-                     study_id=task.record_id, time=task.time)
+  ecg, extras = ecg_io.wfdb_ecg(task.record_path, options)
+  return schema.Part(data=ecg, report=task.report, study_id=task.record_id, time=task.time), extras
 
 
 def convert_record(task: EcgStudy, options: cli.Options) -> schema.Encounter:
+  part, extras = ecg_part(task, options)
   return schema.Encounter(encounter_id=task.record_id, patient_id=task.subject_id, split=task.split,
-                          dataset=SPEC.name, parts={"ecg": ecg_part(task, options)})
+                          dataset=SPEC.name, parts={"ecg": part}, extras=extras)
 
 
 def convert(src: str, out: str, options: cli.Options, *,

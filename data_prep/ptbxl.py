@@ -114,11 +114,11 @@ def plan(src: str, *, records: str = "hr", min_likelihood: float = 0.0
 def convert_record(task: PtbxlTask, options: cli.Options) -> schema.Encounter:
   if not task.report.strip():
     raise RecordError("empty report", "blank `report` column")
-  ecg = ecg_io.wfdb_ecg(task.record_path, options)
+  ecg, extras = ecg_io.wfdb_ecg(task.record_path, options)
   return schema.Encounter(
       encounter_id=task.record_id, patient_id=task.patient_id, split=task.split, dataset=SPEC.name,
       parts={"ecg": schema.Part(data=ecg, report=task.report, labels=task.labels, study_id=task.record_id,
-                                time=task.time)})
+                                time=task.time)}, extras=extras)
 
 
 def convert(src: str, out: str, options: cli.Options, *, records: str = "hr",

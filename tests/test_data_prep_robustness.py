@@ -86,6 +86,11 @@ def _flip_bytes(path):
   path.write_bytes(bytes(data))
 
 
+def _convert_ptbxl(src, out) -> int:
+  return ptbxl.main(["--src", str(src), "--out", str(out), "--workers", "1", "--no-progress",
+                     "--max-error-rate", "0.5"])
+
+
 # case -> (damage, error kind, a piece of the logged reason that names what is wrong)
 ECG_CASES = {
     "missing .dat": (lambda src: _record(src).with_suffix(".dat").unlink(), "missing file", "06001_hr.dat"),
@@ -111,9 +116,7 @@ def test_a_bad_ecg_record_is_logged_and_the_rest_converted(case, tmp_path, capsy
   L.build_ptbxl(src)
   damage, kind, reason = ECG_CASES[case]
   damage(src)
-  code = ptbxl.main(["--src", str(src), "--out", str(out), "--workers", "1", "--no-progress",
-                     "--max-error-rate", "0.5"])
-  assert code == 0
+  assert _convert_ptbxl(src, out) == 0
   assert _errors(out) == [(BAD, kind)]
   assert reason in _reasons(out)[0]
   assert sorted(L.read_converted(out)) == ["06000", "06002"]
@@ -122,6 +125,33 @@ def test_a_bad_ecg_record_is_logged_and_the_rest_converted(case, tmp_path, capsy
   assert info["errors"]["error_rate"] == pytest.approx(1 / 3)
   summary = capsys.readouterr()
   assert f"error: {BAD}: {kind}" in summary.err and "errors: 1 (33.33%" in summary.out
+
+
+def test_a_lead_stored_inverted_converts_to_the_true_lead_and_is_marked(tmp_path):
+  # The bad record's aVR column holds -aVR (the Cabrera display's inverted lead) and its header names it so.
+  src, out = tmp_path / "src", tmp_path / "out"
+  L.build_ptbxl(src)
+  _rewrite_signal(src, lambda x: x.__setitem__((slice(None), 3), -x[:, 3]))  # source column 3 is AVR
+  _edit_header(src, " AVR\n", " -AVR\n")
+  assert wfdb.rdheader(str(_record(src))).sig_name[3] == "-AVR"
+  assert _convert_ptbxl(src, out) == 0
+  assert not (out / runner.ERRORS_FILE).read_text().strip()
+  records = L.read_converted(out)
+  # The stored aVR is the true one (the fixture's), every lead within the stated int16 bound.
+  L.assert_ecg_matches(records[BAD], L.expected_ecg_mv(L.ECG_DIR / "HR06001"))
+  np.testing.assert_array_equal(records[BAD].extras[ecg_io.INVERTED_LEADS], [0, 0, 0, 1] + [0] * 8)
+  assert ecg_io.INVERTED_LEADS not in records["06000"].extras  # records without an inverted lead: no mark
+  assert f"extra/{ecg_io.INVERTED_LEADS}" in json.loads((out / schema.DATASET_INFO).read_text())["ecg_storage"]
+
+
+def test_a_renamed_lead_is_logged_naming_the_missing_lead_and_the_unrecognised_name(tmp_path):
+  src, out = tmp_path / "src", tmp_path / "out"
+  L.build_ptbxl(src)
+  _edit_header(src, " V6\n", " V7\n")
+  assert _convert_ptbxl(src, out) == 0
+  assert _errors(out) == [(BAD, "missing leads")]
+  (reason,) = _reasons(out)
+  assert "missing leads: ['V6']" in reason and "unrecognised lead names ['V7']" in reason, reason
 
 
 def test_the_exit_code_is_non_zero_above_the_error_rate_limit_yet_the_output_is_complete(tmp_path):
@@ -324,13 +354,16 @@ def test_quantize_never_clips_and_meets_the_stated_bound():
 
 def test_leads_are_matched_by_name_with_aliases():
   names = ["V6", "avr", "Lead_I", "AVL", "ii", "III", "aVF", "V1", "v2", "V-3", "V4", "V5", "vx"]
-  order = ecg_io.canonical_lead_order(names)
+  order, signs = ecg_io.match_leads(names)
   assert [names[i] for i in order] == ["Lead_I", "ii", "III", "avr", "AVL", "aVF", "V1", "v2", "V-3", "V4", "V5",
                                        "V6"]
+  assert signs == [1] * 12
   with pytest.raises(RecordError, match="missing leads.*V6"):
-    ecg_io.canonical_lead_order(names[1:])
+    ecg_io.match_leads(names[1:])
   with pytest.raises(RecordError, match="duplicate lead"):
-    ecg_io.canonical_lead_order(names + ["AVR"])
+    ecg_io.match_leads(names + ["AVR"])
+  with pytest.raises(RecordError, match=r"duplicate lead: aVR appears twice \(as \['avr', '-AVR'\]\)"):
+    ecg_io.match_leads(names + ["-AVR"])  # a lead given signed and unsigned
 
 
 def test_report_sections_of_a_mimic_style_report():

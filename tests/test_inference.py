@@ -185,6 +185,56 @@ def test_leads_are_matched_by_name(embedder):
   assert not np.allclose(embedder.embed_ecg([permuted], sampling_rate=500.0), canonical, atol=1e-3)
 
 
+def _rewritten_record(directory, name, rename=None, negate=()) -> str:
+  """ECG_RECORDS[0] written as WFDB `directory/name` with leads renamed ({old: new}) and the digital samples of
+  the leads in `negate` negated (exactly: the record's own ADC values)."""
+  record = wfdb.rdrecord(ECG_RECORDS[0], physical=False)
+  digital = record.d_signal.astype(np.int64)
+  for lead in negate:
+    digital[:, record.sig_name.index(lead)] *= -1
+  wfdb.wrsamp(name, fs=record.fs, units=record.units, sig_name=[(rename or {}).get(n, n) for n in record.sig_name],
+              d_signal=digital, fmt=["16"] * record.n_sig, adc_gain=record.adc_gain, baseline=record.baseline,
+              write_dir=str(directory))
+  return str(directory / name)
+
+
+def test_a_lead_given_inverted_is_negated_back(embedder, tmp_path):
+  # '-aVR' (the Cabrera display's inverted aVR) names a column holding -1 x aVR: the embedding is the true ECG's,
+  # for an array with lead names and for a WFDB record whose header names the lead so.
+  signal = wfdb.rdrecord(ECG_RECORDS[0]).p_signal
+  canonical = embedder.embed_ecg([signal], sampling_rate=500.0)
+  inverted = signal.copy()
+  inverted[:, 3] *= -1
+  names = list(schema.LEADS_12)
+  names[3] = "-aVR"
+  np.testing.assert_allclose(embedder.embed_ecg([inverted], sampling_rate=500.0, leads=names), canonical, atol=1e-5)
+  record = _rewritten_record(tmp_path, "inverted", rename={"aVR": "-aVR"}, negate=["aVR"])
+  assert wfdb.rdheader(record).sig_name[3] == "-aVR"
+  np.testing.assert_allclose(embedder.embed_ecg([record]), embedder.embed_ecg([ECG_RECORDS[0]]), atol=1e-5)
+  # The same samples named plain 'aVR' are another ECG (the bug this guards against stored them so).
+  misread = _rewritten_record(tmp_path, "misread", negate=["aVR"])
+  assert not np.allclose(embedder.embed_ecg([misread]), canonical, atol=1e-3)
+  # Signed and unsigned names of one lead are a duplicate, named as such.
+  with pytest.raises(inference.InputError, match=r"duplicate lead: aVR appears twice \(as \['aVR', '-aVR'\]\)"):
+    embedder.embed_ecg([np.concatenate([signal, inverted[:, 3:4]], axis=1)], sampling_rate=500.0,
+                       leads=list(schema.LEADS_12) + ["-aVR"])
+
+
+def test_lead_and_sample_errors_name_the_leads_as_the_converters_do(embedder, tmp_path):
+  # A header with V7 in place of V6: the message names the missing V6 and the unrecognised V7.
+  record = _rewritten_record(tmp_path, "v7", rename={"V6": "V7"})
+  with pytest.raises(inference.InputError, match=r"v7: missing leads: \['V6'\].*unrecognised lead names \['V7'\]"):
+    embedder.embed_ecg([record])
+  # Non-finite samples: the count and the leads, by name (columns here in MIMIC-IV-ECG's order, aVF before aVL).
+  names = ["I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6"]
+  signal = np.zeros((100, 12), np.float32)
+  signal[7:9, 4] = np.nan
+  signal[3, 7] = np.inf
+  with pytest.raises(inference.InputError,
+                     match=r"ecg\[0\]: ECG contains non-finite samples: 3 in leads \['aVF', 'V2'\]"):
+    embedder.embed_ecg([signal], sampling_rate=50.0, leads=names)
+
+
 def test_each_modality_compiles_once_whatever_the_number_of_inputs(run, caplog):
   small = inference.Embedder.load(run[1], batch_size=4)
   signals = [wfdb.rdrecord(p).p_signal for p in ECG_RECORDS]

@@ -267,9 +267,9 @@ class EcgCodec(Codec):
       raise InputError(f"{name}: expected an ECG array [num_samples, num_leads], got shape {signal_mv.shape}")
     if signal_mv.shape[0] == 0:
       raise InputError(f"{name}: ECG has no samples")
-    if leads is not None:
-      signal_mv = signal_mv[:, canonical_lead_columns(leads, signal_mv.shape[1], name)]
-    return preprocess.preprocess_ecg(signal_mv, float(sampling_rate), spec, None, name=name)
+    # Leads matched by name (`preprocess.canonical_leads`, the package's one rule: `leads.match_leads`), an
+    # inverted lead ('-aVR') negated back; non-finite samples named by lead and count, as the converters do.
+    return preprocess.preprocess_ecg(signal_mv, float(sampling_rate), spec, leads, name=name)
 
   def find_inputs(self, folder: str) -> list[str]:
     return sorted(os.path.join(root, n[:-len(".hea")]) for root, _, files in os.walk(folder) for n in files
@@ -277,8 +277,9 @@ class EcgCodec(Codec):
 
 
 def read_wfdb_record(record_path) -> tuple[np.ndarray, float, list[str]]:
-  """(signal in mV [T, leads], sampling rate in Hz, lead names) of a WFDB record (path without extension; a
-  trailing '.hea' is accepted). InputError naming the record when it is missing or damaged."""
+  """(signal in mV [T, leads], sampling rate in Hz, lead names as the header gives them: an inverted lead keeps its
+  '-aVR', which `leads.match_leads` reads as -1 x aVR) of a WFDB record (path without extension; a trailing '.hea'
+  is accepted). InputError naming the record when it is missing or damaged."""
   from data_prep import ecg_io  # pylint: disable=import-outside-toplevel  (pulls in wfdb)
   record_path = os.fspath(record_path)
   if record_path.endswith(".hea"):
@@ -288,22 +289,6 @@ def read_wfdb_record(record_path) -> tuple[np.ndarray, float, list[str]]:
   except ecg_io.RecordError as err:
     raise InputError(f"{record_path}: {err}") from err
   return ecg.signal_mv, ecg.sampling_rate, ecg.leads
-
-
-def canonical_lead_columns(leads: Sequence[str], num_columns: int, name: str) -> list[int]:
-  """Column of each lead of `schema.LEADS_12` in a signal whose columns are named `leads` (matched by name,
-  ignoring case, spaces, '-', '_' and a leading 'lead'; extra leads such as Frank's vx/vy/vz are ignored)."""
-  from data_prep import ecg_io  # pylint: disable=import-outside-toplevel
-  leads = [str(lead) for lead in leads]
-  if len(leads) != num_columns:
-    raise InputError(f"{name}: {num_columns} signal columns but {len(leads)} lead names")
-  try:
-    return ecg_io.canonical_lead_order(leads)
-  except ecg_io.RecordError as err:
-    known = {ecg_io.lead_key(lead) for lead in schema.LEADS_12}
-    unknown = [lead for lead in leads if ecg_io.lead_key(lead) not in known]
-    hint = f"; unrecognised lead names {unknown}" if unknown else ""
-    raise InputError(f"{name}: {err}{hint} (expected the 12 leads {', '.join(schema.LEADS_12)})") from err
 
 
 register(CxrCodec())

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from scipy import signal
 
+from medbind_jax.data import leads as lead_names
 from medbind_jax.data import schema
 
 
@@ -115,7 +116,10 @@ class EcgSpec:
 
 
 def canonical_leads(signal_mv: np.ndarray, leads, spec: EcgSpec, name: str = "ecg") -> np.ndarray:
-  """Reorders columns into `spec.leads` by lead name (case-insensitive); raises naming missing leads."""
+  """The leads `spec.leads` of a signal whose columns are named `leads` (matched by `lead_names.match_leads`, the
+  package's one lead-name rule: an inverted lead such as '-aVR' is negated back to the lead; other leads such as
+  Frank's vx/vy/vz are left out); `leads` None: the columns are `spec.leads` in order. InputError naming the input
+  and, for names, the missing, duplicate and unrecognised ones."""
   signal_mv = np.asarray(signal_mv)
   if signal_mv.ndim != 2:
     raise InputError(f"{name}: expected an ECG array [num_samples, num_leads], got shape {signal_mv.shape}")
@@ -126,11 +130,12 @@ def canonical_leads(signal_mv: np.ndarray, leads, spec: EcgSpec, name: str = "ec
     return signal_mv
   if len(leads) != signal_mv.shape[1]:
     raise InputError(f"{name}: {signal_mv.shape[1]} signal columns but {len(leads)} lead names")
-  position = {str(lead).lower(): i for i, lead in enumerate(leads)}
-  missing = [lead for lead in spec.leads if lead.lower() not in position]
-  if missing:
-    raise InputError(f"{name}: missing leads {missing}; has {list(leads)}")
-  return signal_mv[:, [position[lead.lower()] for lead in spec.leads]]
+  try:
+    columns, signs = lead_names.match_leads(leads, spec.leads)
+  except lead_names.LeadError as err:
+    raise InputError(f"{name}: {err}") from err
+  x = signal_mv[:, columns]
+  return x * np.asarray(signs, np.int8) if min(signs) < 0 else x
 
 
 def preprocess_ecg(signal_mv: np.ndarray, sampling_rate: float, spec: EcgSpec, leads=None,
@@ -141,8 +146,9 @@ def preprocess_ecg(signal_mv: np.ndarray, sampling_rate: float, spec: EcgSpec, l
   `spec.num_samples`, scales by `1 / scale_mv`. With `rng`, random gain and noise.
   """
   x = canonical_leads(signal_mv, leads, spec, name).astype(np.float32)
-  if not np.all(np.isfinite(x)):
-    raise InputError(f"{name}: ECG contains non-finite samples")
+  bad = lead_names.non_finite(x, spec.leads)
+  if bad:
+    raise InputError(f"{name}: ECG contains non-finite samples: {bad}")
   if not sampling_rate > 0:
     raise InputError(f"{name}: sampling rate must be positive, got {sampling_rate}")
   if sampling_rate != spec.sampling_rate:
