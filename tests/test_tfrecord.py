@@ -1,5 +1,6 @@
 """TFRecord framing: CRCs are checked, damage raises an error naming file and offset, skip mode counts it."""
 
+import importlib.util
 import os
 
 import numpy as np
@@ -30,6 +31,69 @@ def test_frame_matches_tensorflow_layout():
   assert framed[12:17] == data
   assert len(framed) == 8 + 4 + 5 + 4
   assert tfrecord.masked_crc(b"") == 0xA282EAD8  # crc32c("") == 0, rotated and offset by the mask delta
+
+
+# Files written by TensorFlow's own TFRecordWriter (tests/fixtures/tfrecord/README.md); `make_fixture.py` there holds
+# the record recipe, loaded here without TensorFlow.
+_TF_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "tfrecord")
+_spec = importlib.util.spec_from_file_location("tf_fixture_recipe", os.path.join(_TF_DIR, "make_fixture.py"))
+TF_RECIPE = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(TF_RECIPE)
+with open(os.path.join(_TF_DIR, TF_RECIPE.EXAMPLE_FILE), "rb") as _f:
+  TF_EXAMPLE = _f.read()
+TF_FILES = TF_RECIPE.file_records(TF_EXAMPLE)  # file name -> its payloads, in order
+
+
+@pytest.mark.parametrize("name", sorted(TF_FILES))
+def test_reads_file_written_by_tensorflow(name):
+  path = os.path.join(_TF_DIR, name)
+  refs, payloads = zip(*tfrecord.iter_records(path))  # both CRCs of every frame checked
+  assert [len(p) for p in payloads] == [len(p) for p in TF_FILES[name]]
+  assert list(payloads) == TF_FILES[name]
+  scan = tfrecord.scan_tfrecord(path)
+  assert scan.frames == list(refs) and not scan.problems
+  reader = tfrecord.RecordReader()
+  assert [reader.read(ref) for ref in reversed(refs)] == TF_FILES[name][::-1]
+
+
+@pytest.mark.parametrize("name", sorted(TF_FILES))
+def test_writes_bytes_identical_to_tensorflow(name, tmp_path):
+  with open(os.path.join(_TF_DIR, name), "rb") as f:
+    want = f.read()
+  out = os.path.join(tmp_path, name)
+  assert tfrecord.write_tfrecord(out, TF_FILES[name]) == len(TF_FILES[name])
+  with open(out, "rb") as f:
+    assert f.read() == want
+  # Frame by frame as well, so a mismatch points at a payload size rather than at the whole file.
+  offset = 0
+  for data in TF_FILES[name]:
+    framed = tfrecord.frame(data)
+    assert framed == want[offset:offset + len(framed)], f"frame of a {len(data)}-byte payload"
+    offset += len(framed)
+
+
+def test_tensorflow_example_parses_with_project_schema():
+  data = TF_FILES[TF_RECIPE.DEFAULT_FILE][-1]
+  feats = schema.parse_features(data)
+  kinds = {"bytes_list": TF_RECIPE.EXAMPLE_BYTES, "float_list": TF_RECIPE.EXAMPLE_FLOATS,
+           "int64_list": TF_RECIPE.EXAMPLE_INTS}
+  assert sorted(feats) == sorted(key for values in kinds.values() for key in values)
+  for kind, values in kinds.items():
+    for key, want in values.items():
+      assert feats[key].WhichOneof("kind") == kind, key
+      np.testing.assert_array_equal(list(getattr(feats[key], kind).value), want, err_msg=key)
+  enc = schema.decode_encounter(data)
+  assert (enc.encounter_id, enc.patient_id, enc.split, enc.dataset, enc.linked) == (
+      "tf-fixture-0", "p0", "train", "tf_fixture", False)
+  ecg = enc.part("ecg")
+  np.testing.assert_array_equal(ecg.data.samples, TF_RECIPE.EXAMPLE_SAMPLES)
+  assert ecg.data.leads == TF_RECIPE.EXAMPLE_LEADS == schema.LEADS_12 and ecg.data.sampling_rate == 500.0
+  assert ecg.report == TF_RECIPE.EXAMPLE_BYTES["ecg/report"][0].decode() and ecg.study_id == "s0"
+  np.testing.assert_array_equal(ecg.labels, [1, 0, -1])
+  assert ecg.time == 1.6e9 and sorted(enc.parts) == ["ecg"]
+  np.testing.assert_array_equal(enc.extras["severity"], [0.25, 0.5])
+  # And back: the project's encoder writes the same Example for the decoded encounter.
+  assert schema.parse_features(schema.encode_encounter(enc)) == feats
 
 
 def _shard_path(tmp_path, index=0):
