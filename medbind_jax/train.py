@@ -74,8 +74,7 @@ def build_text_table(model: MedBind, text_params, texts: list[str], tokenize: te
   deterministic, so a resumed run gets the same table.
   """
   digest = hashlib.sha256(json.dumps([texts, tokenize.max_length, tokenize.tokenizer_dir]).encode())
-  for leaf in jax.tree.leaves(text_params):  # the weights themselves, not just where they came from
-    digest.update(np.ascontiguousarray(leaf).tobytes())
+  digest.update(runs.params_fingerprint(text_params).encode())  # the weights themselves, not where they came from
   path = os.path.join(cache_dir, f"text_features_{digest.hexdigest()[:20]}.npy")
   if os.path.exists(path):
     return np.load(path)
@@ -189,6 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if text_mode == "cached":
     # The frozen trunk leaves the trained parameters; its output is a table row per unique training report.
     text_params = params["towers"].pop(codecs.TEXT)
+    runs.check_text_trunk(workdir, config, text_params, record=is_main)
     texts = sorted({r.reports[mod] for r in train_index.records for mod in layout.report_modalities if r.has(mod)})
     text_table = build_text_table(model, text_params, texts, tokenize, cache_dir(config, workdir))
     text_inputs = text_lib.TableRows({t: i for i, t in enumerate(texts)})
@@ -251,13 +251,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         text_emb = embed(codecs.TEXT, jax.tree.map(lambda *a: jnp.concatenate(a), *reports), len(layout.modalities))
       emb["reports"] = dict(zip(layout.report_modalities, jnp.split(text_emb, len(reports)) if reports else []))
       scales = model.apply(variables, method=MedBind.logit_scales)
-      loss, parts = objective(emb, {k: batch[k] for k in ("text_key", "pair_mask")}, scales)
+      loss, parts = objective(emb, {k: batch[k] for k in ("text_key", "pair_mask", "index")}, scales)
       return loss, (parts, scales)
 
     (loss, (parts, scales)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
+    # The norms of the gradient and of the updated parameters: a finite loss can still come with an overflowing
+    # gradient or parameters (|x| ~ 1e19 and up overflow a float32 norm), which must not be checkpointed.
+    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
                "learning_rate": schedule(state.step),
                **{f"logit_scale/{name}": s for name, s in scales.items()}}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -275,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_results = None
 
   # ---- Loop ------------------------------------------------------------------------------------------------------
-  # The loss of step s is read while step s+1 runs, so checking it never stalls the device.
+  # The loss of step s is read while step s+1 runs, so checking it never stalls the device. A step whose loss,
+  # gradient norm or parameter norm is not finite stops the run before its state is saved.
   examples_per_step = n * len(layout.modalities)  # n rows of every input modality
   pending: tuple[int, Any] | None = None
   history: list[dict[str, float]] = []
@@ -286,9 +289,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def check(entry):
     step, metrics = entry
     values = jax.device_get(metrics)
-    if not np.isfinite(values["loss"]):
+    bad = [f"{name} is {values[name]}" for name in ("loss", "grad_norm", "param_norm") if not np.isfinite(values[name])]
+    if bad:
       raise NonFiniteLossError(
-          f"loss is {values['loss']} at step {step}; stopping. The last good checkpoint "
+          f"{', '.join(bad)} at step {step}; stopping. The last good checkpoint "
           f"(step {manager.latest_step()}) is kept in {manager.directory}. Lower optim.learning_rate or raise "
           "optim.warmup_steps, then run again to resume from it.")
     history.append({k: float(v) for k, v in values.items()})

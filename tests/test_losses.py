@@ -26,18 +26,20 @@ def np_tmcl(z, u, texts, s):
   return float(0.5 * (rows.mean() + cols.mean()))
 
 
-def np_emcl(zc, ze, linked, s, negatives):
+def np_emcl(zc, ze, linked, s, negatives, ids_c=None, ids_e=None):
+  """Pair loss; with record ids, a column holding the partner's own record at another row is no negative."""
   idx = np.flatnonzero(linked)
   if idx.size == 0:
     return 0.0
-  cols = idx if negatives == "linked" else np.arange(len(linked))
   total = 0.0
   for i in idx:
-    for q, keys in ((zc, ze), (ze, zc)):
+    for q, keys, ids in ((zc, ze, ids_e), (ze, zc, ids_c)):
+      cols = [j for j in (idx if negatives == "linked" else range(len(linked)))
+              if j == i or ids is None or ids[j] != ids[i]]
       logits = s * keys[cols].astype(np.float64) @ q[i].astype(np.float64)
       m = logits.max()
       lse = m + np.log(np.exp(logits - m).sum())
-      total += 0.5 * (lse - logits[list(cols).index(i)])
+      total += 0.5 * (lse - logits[cols.index(i)])
   return total / idx.size
 
 
@@ -184,3 +186,29 @@ def test_a_fourth_modality_adds_its_edges_to_the_objective():
   np.testing.assert_allclose(parts["loss/labs_ecg"], want_pair, rtol=1e-5)
   base = parts["loss/cxr_text"] + parts["loss/ecg_text"] + parts["loss/cxr_ecg"]
   np.testing.assert_allclose(loss, base + 0.5 * want_labs + 2.0 * want_pair, rtol=1e-5)
+
+
+@pytest.mark.parametrize("negatives", ["linked", "all"])
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_a_partners_own_record_elsewhere_in_the_batch_is_no_negative(negatives, num_devices):
+  """Unlinked rows draw from every record with the modality, linked ones included: the partner ECG can appear
+  again as an unlinked row (and a linked record twice at an epoch boundary). Those copies are the positive
+  itself and are left out of the negatives (same value on 1 and 8 devices)."""
+  emb, batch, scales, _, _ = _problem(16, 8, seed=11, num_linked=0)
+  linked = np.arange(16) < 6
+  batch["pair_mask"]["cxr_ecg"] = linked
+  ids = {m: np.arange(16, dtype=np.int32) + (0 if m == "cxr" else 100) for m in ("cxr", "ecg")}
+  for copy, of in ((10, 2), (15, 4), (5, 1)):  # unlinked rows 10, 15 and linked row 5 repeat partners 2, 4, 1
+    ids["ecg"][copy] = ids["ecg"][of]
+    emb["inputs"]["ecg"][copy] = emb["inputs"]["ecg"][of]  # the same record embeds the same
+  ids["cxr"][12] = ids["cxr"][3]  # and a CXR: unlinked row 12 repeats linked row 3's
+  emb["inputs"]["cxr"][12] = emb["inputs"]["cxr"][3]
+  batch["index"] = ids
+  edges = _edges(negatives=negatives)
+  mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:num_devices])
+  _, parts = jax.jit(losses.sharded_objective(mesh, edges))(emb, batch, scales)
+  z = emb["inputs"]
+  want = np_emcl(z["cxr"], z["ecg"], linked, 7.5, negatives, ids["cxr"], ids["ecg"])
+  np.testing.assert_allclose(parts["loss/cxr_ecg"], want, rtol=1e-5)
+  naive = np_emcl(z["cxr"], z["ecg"], linked, 7.5, negatives)  # copies counted as negatives: a different loss
+  assert abs(want - naive) > 1e-3

@@ -3,9 +3,11 @@
 import json
 import logging
 import os
+import re
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -109,6 +111,10 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(data
   assert kept and max(kept) == bad_step - 1, (kept, bad_step)
   params = _final_params(str(tmp_path), max(kept))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+  # Not merely finite: parameters near 1e38 (a finite loss, an overflowing update) are not a good checkpoint.
+  # The run stops at the first step whose gradient or parameter norm overflows, before saving it.
+  assert np.isfinite(float(optax.tree.norm(params))), float(optax.tree.norm(params))
+  assert re.search(r"(grad_norm|param_norm|loss) is (inf|nan)", err.value.args[0]), err.value.args[0]
 
 
 def test_frozen_parameters_stay_bit_identical_with_bf16_and_remat(data_dir, tmp_path):

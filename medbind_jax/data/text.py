@@ -6,6 +6,7 @@ Both are callables `texts -> dict of int32 arrays` with static shapes, used by t
 from __future__ import annotations
 
 import os
+import threading
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -30,22 +31,30 @@ def resolve_pretrained(path: str) -> str:
 class Tokenize:
   """texts -> {'input_ids', 'attention_mask'} int32 [n, max_length], right-padded and truncated.
 
-  Loads the tokenizer from a local directory only (no hub access).
+  Loads the tokenizer from a local directory only (no hub access). Each thread gets its own tokenizer: a Hugging
+  Face fast tokenizer mutates its padding/truncation state while encoding, and one shared by the input pipeline's
+  threads fails with "Already borrowed".
   """
 
   def __init__(self, tokenizer_dir: str, max_length: int):
     self.tokenizer_dir, self.max_length = tokenizer_dir, max_length
-    self._tokenizer = None
+    self._local = threading.local()
 
   def __getstate__(self):
-    return {"tokenizer_dir": self.tokenizer_dir, "max_length": self.max_length, "_tokenizer": None}
+    return {"tokenizer_dir": self.tokenizer_dir, "max_length": self.max_length}
+
+  def __setstate__(self, state):
+    self.__init__(state["tokenizer_dir"], state["max_length"])
 
   @property
   def tokenizer(self):
-    if self._tokenizer is None:
+    """This thread's tokenizer (loaded on its first use in the thread)."""
+    tokenizer = getattr(self._local, "tokenizer", None)
+    if tokenizer is None:
       import transformers  # pylint: disable=import-outside-toplevel
-      self._tokenizer = transformers.AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
-    return self._tokenizer
+      tokenizer = transformers.AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
+      self._local.tokenizer = tokenizer
+    return tokenizer
 
   def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
     out = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
