@@ -1,0 +1,143 @@
+r"""The contrastive objective against open_clip's `ClipLoss` and against the matmul floor, forward + backward.
+
+  pip install -r requirements-test.txt && pip install --no-deps open_clip_torch==3.3.0   # the reference
+  python -m bench.bench_losses              # B = 256, 1024, 4096 (about 3 minutes on the 2-core machines)
+  python -m bench.bench_losses --sizes 256,1024 --repeats 5
+
+Per batch size B (D = 256, fp32, one process, one device), the median wall time of:
+
+  floor      the three matmuls any CLIP-style loss needs: logits = Z U^T, dZ = G U, dU = G^T Z (XLA, jitted)
+  ClipLoss   open_clip's ClipLoss on PyTorch CPU (its loss.py loaded by path: the package import needs
+             torchvision), loss and backward to both embeddings
+  tmcl       one TMCL edge of this project (`losses.objective` with the edge cxr_text, duplicate reports as
+             positives), value and gradient w.r.t. both embeddings
+  full       MEDBind's objective: two TMCL edges and the CXR-ECG pair edge with a quarter of the rows linked,
+             against three ClipLoss calls (two over B pairs, one over the B/4 linked pairs)
+
+Both sides use both cores (torch.set_num_threads(2); XLA's CPU client). Ratios are within one run, so the
+machine's noise cancels; absolute times are not comparable between machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medbind_jax import losses
+
+D = 256
+
+
+def _median_seconds(fn, repeats: int) -> float:
+  fn()  # warm-up (compilation)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def load_clip_loss():
+  """open_clip's ClipLoss class, from the installed package's loss.py without importing the package."""
+  spec = importlib.util.find_spec("open_clip")
+  if spec is None or not spec.submodule_search_locations:
+    raise SystemExit("open_clip is not installed: pip install --no-deps open_clip_torch==3.3.0")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+  module_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.ClipLoss
+
+
+def _unit(rng, n):
+  x = rng.normal(size=(n, D)).astype(np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _text_keys(rng, n):
+  """Mostly distinct reports with some exact duplicates, as in real report sets."""
+  ids = rng.integers(0, max(2, (3 * n) // 4), n)
+  return np.stack([ids, 7 * ids + 1], axis=1).astype(np.int32)
+
+
+def time_floor(b: int, repeats: int) -> float:
+  rng = np.random.default_rng(0)
+  z, u, g = jnp.asarray(_unit(rng, b)), jnp.asarray(_unit(rng, b)), jnp.asarray(rng.normal(size=(b, b)), jnp.float32)
+  matmuls = jax.jit(lambda z, u, g: (z @ u.T, g @ u, g.T @ z))
+  return _median_seconds(lambda: jax.block_until_ready(matmuls(z, u, g)), repeats)
+
+
+def _problem(b: int):
+  rng = np.random.default_rng(1)
+  emb = {"inputs": {m: jnp.asarray(_unit(rng, b)) for m in ("cxr", "ecg")},
+         "reports": {m: jnp.asarray(_unit(rng, b)) for m in ("cxr", "ecg")}}
+  batch = {"text_key": {m: jnp.asarray(_text_keys(rng, b)) for m in ("cxr", "ecg")},
+           "pair_mask": {"cxr_ecg": jnp.arange(b) < b // 4},
+           "index": {m: jnp.arange(b, dtype=jnp.int32) for m in ("cxr", "ecg")}}
+  scales = {"cxr_text": jnp.float32(14.3), "ecg_text": jnp.float32(14.3), "cxr_ecg": jnp.float32(14.3)}
+  return emb, batch, scales
+
+
+EDGES = {"tmcl": (losses.Edge("cxr_text", ("cxr", "text")),),
+         "full": (losses.Edge("cxr_text", ("cxr", "text")), losses.Edge("ecg_text", ("ecg", "text")),
+                  losses.Edge("cxr_ecg", ("cxr", "ecg"), "pair"))}
+
+
+def time_ours(b: int, which: str, repeats: int) -> float:
+  emb, batch, scales = _problem(b)
+  grad = jax.jit(jax.value_and_grad(lambda e: losses.objective(e, batch, scales, EDGES[which])[0]))
+  return _median_seconds(lambda: jax.block_until_ready(grad(emb)), repeats)
+
+
+def time_clip(clip_loss_cls, b: int, calls: tuple[int, ...], repeats: int) -> float:
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(2)
+  loss_fn = clip_loss_cls()
+  rng = np.random.default_rng(2)
+  pairs = [(torch.tensor(_unit(rng, n), requires_grad=True), torch.tensor(_unit(rng, n), requires_grad=True))
+           for n in calls]
+  scale = torch.tensor(14.3)
+
+  def step():
+    total = sum(loss_fn(a, t, scale) for a, t in pairs)
+    total.backward()
+    for a, t in pairs:
+      a.grad = t.grad = None
+
+  return _median_seconds(step, repeats)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", default="256,1024,4096", help="batch sizes B, comma-separated")
+  parser.add_argument("--repeats", type=int, default=0, help="timed repeats per entry (default: by size)")
+  args = parser.parse_args(argv)
+  clip_loss = load_clip_loss()
+  rows = []
+  for b in (int(s) for s in args.sizes.split(",")):
+    repeats = args.repeats or (20 if b <= 1024 else 5)
+    t = {"floor": time_floor(b, repeats), "clip": time_clip(clip_loss, b, (b,), repeats),
+         "tmcl": time_ours(b, "tmcl", repeats), "clip3": time_clip(clip_loss, b, (b, b, b // 4), repeats),
+         "full": time_ours(b, "full", repeats)}
+    rows.append((b, t))
+    print(f"B={b}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in t.items()), flush=True)
+  print("\nfp32, D=256, forward + backward, median ms (ratios within the run):\n")
+  print("| B | matmul floor | ClipLoss | TMCL edge | ClipLoss / TMCL | TMCL / floor | 3x ClipLoss | full objective "
+        "| 3x ClipLoss / full |")
+  print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for b, t in rows:
+    print(f"| {b} | {1e3 * t['floor']:.1f} | {1e3 * t['clip']:.1f} | {1e3 * t['tmcl']:.1f} | "
+          f"{t['clip'] / t['tmcl']:.2f}x | {t['tmcl'] / t['floor']:.2f}x | {1e3 * t['clip3']:.1f} | "
+          f"{1e3 * t['full']:.1f} | {t['clip3'] / t['full']:.2f}x |")
+
+
+if __name__ == "__main__":
+  main()
