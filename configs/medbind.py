@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.per_edge_logit_scale = True  # one temperature per edge (False: one shared by edges naming none)
   c.model.logit_scale_init = math.log(1 / 0.07)
   c.model.max_logit_scale = 100.0
+  c.model.logit_bias_init = -10.0  # the learnable bias of sigmoid edges (SigLIP's initialisation)
   # Every tower and head: compute dtype ("bfloat16" for mixed precision; parameters stay float32) and
   # rematerialisation of transformer blocks (activation memory for compute). A tower's kwargs override these.
   c.model.dtype = "float32"
@@ -98,7 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- Loss ---------------------------------------------------------------------------------------------------
   # The contrastive edges by name: two modalities, kind ("tmcl": a modality against its reports, duplicate
-  # reports as extra positives; "pair": two modalities of linked records), weight, and optionally `logit_scale`
+  # reports as extra positives; "sigmoid": the same pairs with SigLIP's pairwise sigmoid loss and a learnable
+  # bias; "pair": two modalities of linked records), weight, and optionally `logit_scale`
   # (a temperature name edges can share; default the edge's own) and, for pair edges, `negatives` ("linked":
   # only linked rows are columns; "all": every row of the batch). The weight of cxr_ecg is MEDBind's lambda
   # (0: the paper's "unbound" ablation).

@@ -4,6 +4,8 @@ An edge binds two modalities and has a kind (DESIGN.md section 4), over a global
 
   tmcl (M, text)  1/2 [CE_rows(S, Y) + CE_cols(S, Y)],  S = s_e * Z_M U_M^T,  U_M = embeddings of M's reports,
                   Y_ij = 1[text_j == text_i] / |{j : text_j == text_i}|  (duplicate reports are extra positives)
+  sigmoid (M, text)  SigLIP's pairwise loss: -1/B sum_ij log sigmoid(z_ij (s_e * z_i . u_j + b_e)), z_ij = +1 for
+                  the same report text (duplicates included), -1 otherwise; b_e a learnable bias per edge
   pair (A, B)     symmetric CE of the rows whose `pair_mask` is set (A and B of one encounter) against B columns
                   (only the masked ones, or every B row of the batch as extra negatives), positive = the
                   partner; a column holding the partner's own record again is no negative; mean over masked
@@ -26,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-EDGE_KINDS = ("tmcl", "pair")
+EDGE_KINDS = ("tmcl", "sigmoid", "pair")
+TEXT_KINDS = ("tmcl", "sigmoid")  # edges between a modality and its reports
 PAIR_NEGATIVES = ("linked", "all")
 TEXT = "text"  # the anchor modality of tmcl edges
 
@@ -49,22 +52,32 @@ class Edge:
       raise ValueError(f"{where}: kind must be one of {EDGE_KINDS}, got {self.kind!r}")
     if len(self.modalities) != 2 or self.modalities[0] == self.modalities[1]:
       raise ValueError(f"{where}: modalities must be two different names, got {self.modalities!r}")
-    if self.kind == "tmcl" and TEXT not in self.modalities:
-      raise ValueError(f"{where}: a tmcl edge binds a modality to {TEXT!r}, got {self.modalities!r}")
+    if self.kind in TEXT_KINDS and TEXT not in self.modalities:
+      raise ValueError(f"{where}: a {self.kind} edge binds a modality to {TEXT!r}, got {self.modalities!r}")
     if self.kind == "pair" and TEXT in self.modalities:
       raise ValueError(f"{where}: a pair edge binds two non-text modalities of linked records, got "
                        f"{self.modalities!r}; use kind='tmcl' for text")
     if self.negatives not in PAIR_NEGATIVES:
       raise ValueError(f"{where}: negatives must be one of {PAIR_NEGATIVES}, got {self.negatives!r}")
-    if self.kind == "tmcl" and self.modalities[0] == TEXT:  # canonical order: (M, text)
+    if self.kind in TEXT_KINDS and self.modalities[0] == TEXT:  # canonical order: (M, text)
       object.__setattr__(self, "modalities", (self.modalities[1], TEXT))
     if not self.logit_scale:
       object.__setattr__(self, "logit_scale", self.name)
 
   @property
   def modality(self) -> str:
-    """A tmcl edge's non-text modality."""
+    """A text edge's non-text modality."""
     return self.modalities[0]
+
+  @property
+  def uses_text(self) -> bool:
+    """A modality against its reports (tmcl or sigmoid)."""
+    return self.kind in TEXT_KINDS
+
+
+def bias_name(edge: Edge) -> str:
+  """The key of a sigmoid edge's learnable bias among the model's temperatures."""
+  return f"bias/{edge.name}"
 
 
 def edges_from_config(edges_config, *, per_edge_logit_scale: bool = True) -> tuple[Edge, ...]:
@@ -136,6 +149,20 @@ def tmcl_sum(mod_emb: jax.Array, text_emb: jax.Array, text_key: jax.Array, scale
   return (0.5 * (row + own_columns)).sum(), jnp.asarray(n, jnp.float32)
 
 
+def sigmoid_sum(mod_emb: jax.Array, text_emb: jax.Array, text_key: jax.Array, scale: jax.Array, bias: jax.Array,
+                axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Sum over this device's rows of SigLIP's pairwise sigmoid loss against every text of the global batch, and the
+  global batch size (the loss is the sum over all B x B pairs divided by B).
+
+  Every pair is its own binary problem, so rows need no normalisation across devices: each device scores its
+  rows against the gathered texts. -log sigmoid(v) is computed as softplus(-v), stable for large |v|.
+  """
+  all_text, all_key = (_gather(x, axis_name) for x in (text_emb, text_key))
+  sign = jnp.where(_same_text(text_key, all_key), 1.0, -1.0)  # [b, N]: duplicates of a row's report are positives
+  logits = scale * mod_emb @ all_text.T + bias
+  return jax.nn.softplus(-sign * logits).sum(), jnp.asarray(all_key.shape[0], jnp.float32)
+
+
 def pair_sum(a_emb: jax.Array, b_emb: jax.Array, linked: jax.Array, scale: jax.Array,
              negatives: str = "linked", axis_name: str | None = None, a_ids: jax.Array | None = None,
              b_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -185,7 +212,8 @@ def objective(emb: Mapping[str, Mapping[str, jax.Array]], batch: Mapping[str, Ma
       and of their reports (for the modalities of tmcl edges).
     batch: {'text_key': {modality: [b, 2] int32}, 'pair_mask': {pair edge name: [b] bool}} and optionally
       'index': {modality: [b] int} record ids (pair edges then keep a partner's own record out of its negatives).
-    scales: logit scale per temperature name (already exponentiated and clipped).
+    scales: logit scale per temperature name (already exponentiated and clipped), and for sigmoid edges their
+      bias under `bias_name(edge)`.
     edges: the objective's edges.
     axis_name: data axis when called inside `shard_map`; None on a single device.
   Returns:
@@ -194,9 +222,12 @@ def objective(emb: Mapping[str, Mapping[str, jax.Array]], batch: Mapping[str, Ma
   parts, loss = {}, jnp.zeros((), jnp.float32)
   for edge in edges:
     scale = scales[edge.logit_scale]
-    if edge.kind == "tmcl":
-      total, count = tmcl_sum(emb["inputs"][edge.modality], emb["reports"][edge.modality],
-                              batch["text_key"][edge.modality], scale, axis_name)
+    if edge.uses_text:
+      args = (emb["inputs"][edge.modality], emb["reports"][edge.modality], batch["text_key"][edge.modality], scale)
+      if edge.kind == "tmcl":
+        total, count = tmcl_sum(*args, axis_name=axis_name)
+      else:
+        total, count = sigmoid_sum(*args, scales[bias_name(edge)], axis_name=axis_name)
       value = _psum(total, axis_name) / count
     else:
       a, b = edge.modalities

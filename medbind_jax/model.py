@@ -67,6 +67,17 @@ class LogitScales(nn.Module):
                                       math.log(self.max_scale))) for name in self.names}
 
 
+class LogitBiases(nn.Module):
+  """One learnable bias per name (sigmoid edges), initialised to `init_value`."""
+
+  names: tuple[str, ...]
+  init_value: float
+
+  @nn.compact
+  def __call__(self) -> dict[str, jax.Array]:
+    return {name: self.param(name, nn.initializers.constant(self.init_value), ()) for name in self.names}
+
+
 class MedBind(nn.Module):
   """Embedding model of any set of modalities.
 
@@ -76,6 +87,7 @@ class MedBind(nn.Module):
     embed_dim: d, the shared space's dimension.
     head_hidden_dim: 0 for linear heads, else the MLP heads' hidden width.
     logit_scale_init, max_logit_scale: s = exp(t), t initialised to `logit_scale_init`, s clipped at the max.
+    logit_bias_names, logit_bias_init: the learnable biases of sigmoid edges (parameters `logit_biases/<edge>`).
     dtype: compute dtype of the projection heads.
   """
 
@@ -85,6 +97,8 @@ class MedBind(nn.Module):
   head_hidden_dim: int = 0
   logit_scale_init: float = math.log(1 / 0.07)
   max_logit_scale: float = 100.0
+  logit_bias_names: tuple[str, ...] = ()
+  logit_bias_init: float = -10.0
   dtype: Any = jnp.float32  # the heads' compute dtype; their output is float32
 
   def setup(self):
@@ -93,6 +107,8 @@ class MedBind(nn.Module):
                        name="heads")
     self.logit_scales_module = LogitScales(tuple(self.logit_scale_names), self.logit_scale_init,
                                            self.max_logit_scale, name="logit_scales")
+    if self.logit_bias_names:
+      self.logit_biases_module = LogitBiases(tuple(self.logit_bias_names), self.logit_bias_init, name="logit_biases")
 
   @property
   def modalities(self) -> list[str]:
@@ -111,8 +127,11 @@ class MedBind(nn.Module):
     return self.project(modality, self.features(modality, inputs, train))
 
   def logit_scales(self) -> dict[str, jax.Array]:
-    """Temperature name -> s = exp(t) clipped at `max_logit_scale`."""
-    return self.logit_scales_module()
+    """Temperature name -> s = exp(t) clipped at `max_logit_scale`; and `bias/<edge>` -> b for sigmoid edges."""
+    scales = self.logit_scales_module()
+    if self.logit_bias_names:
+      scales.update({f"bias/{name}": b for name, b in self.logit_biases_module().items()})
+    return scales
 
   def init_heads(self):
     """Touches only the heads and logit scales, so `init(..., method=MedBind.init_heads)` creates just those."""
@@ -177,6 +196,8 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[MedBind, dict[str, A
       head_hidden_dim=model_config.head_hidden_dim,
       logit_scale_init=model_config.logit_scale_init,
       max_logit_scale=model_config.max_logit_scale,
+      logit_bias_names=tuple(sorted(edge.name for edge in edges if edge.kind == "sigmoid")),
+      logit_bias_init=model_config.get("logit_bias_init", -10.0),
       dtype=defaults.get("dtype", jnp.float32),
   )
   return model, pretrained

@@ -261,7 +261,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # gradient or parameters (|x| ~ 1e19 and up overflow a float32 norm), which must not be checkpointed.
     metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
                "learning_rate": schedule(state.step),
-               **{f"logit_scale/{name}": s for name, s in scales.items()}}
+               **{(f"logit_{name}" if name.startswith("bias/") else f"logit_scale/{name}"): s
+                  for name, s in scales.items()}}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   train_step = jax.jit(train_step, in_shardings=(replicated, data_sharding, replicated),
@@ -356,7 +357,7 @@ def make_eval_suite(config, model: MedBind, text_mode: str, text_params, tokeniz
   fns = runs.make_embed_fns(model, text_mode, text_params, tokenize, config.eval.batch_size)
   edges = runs.edges(config)
   data = common.SplitEmbedder(fns, index, runs.data_specs(config),
-                              report_modalities=[e.modality for e in edges if e.kind == "tmcl"])
+                              report_modalities=[e.modality for e in edges if e.uses_text])
   return evaluators.build(config.eval, data, edges)
 
 

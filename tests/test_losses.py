@@ -212,3 +212,36 @@ def test_a_partners_own_record_elsewhere_in_the_batch_is_no_negative(negatives, 
   np.testing.assert_allclose(parts["loss/cxr_ecg"], want, rtol=1e-5)
   naive = np_emcl(z["cxr"], z["ecg"], linked, 7.5, negatives)  # copies counted as negatives: a different loss
   assert abs(want - naive) > 1e-3
+
+
+def np_sigmoid(z, u, texts, s, b):
+  """SigLIP's loss with duplicate texts as positives, pair by pair."""
+  total = 0.0
+  for i in range(len(texts)):
+    for j in range(len(texts)):
+      v = (1.0 if texts[i] == texts[j] else -1.0) * (s * float(z[i].astype(np.float64) @ u[j]) + b)
+      total += np.log1p(np.exp(-v))
+  return total / len(texts)
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_sigmoid_edge_matches_numpy_with_duplicates_as_positives(num_devices):
+  emb, batch, scales, cxr_texts, _ = _problem(16, 8, seed=21, num_linked=0)
+  assert len(set(cxr_texts)) < len(cxr_texts)
+  edge = losses.Edge("cxr_text", ("text", "cxr"), "sigmoid")  # either order; stored as (cxr, text)
+  assert edge.modalities == ("cxr", "text") and edge.uses_text
+  scales = {**scales, losses.bias_name(edge): np.float32(-3.0)}
+  mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:num_devices])
+  sharded = losses.sharded_objective(mesh, (edge,))
+  loss, parts = jax.jit(sharded)(emb, batch, scales)
+  want = np_sigmoid(emb["inputs"]["cxr"], emb["reports"]["cxr"], cxr_texts, 9.0, -3.0)
+  np.testing.assert_allclose(parts["loss/cxr_text"], want, rtol=1e-5)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  # Gradients (embeddings, scale and bias) equal the single-device loss's.
+  single = jax.grad(lambda e, s: losses.objective(e, batch, s, (edge,))[0], argnums=(0, 1))(emb, scales)
+  multi = jax.grad(lambda e, s: sharded(e, batch, s)[0], argnums=(0, 1))(emb, scales)
+  for g, w in zip(jax.tree.leaves(multi), jax.tree.leaves(single)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+  # Duplicates are positives: treating them as negatives gives another loss.
+  distinct = [f"{t} #{i}" for i, t in enumerate(cxr_texts)]
+  assert abs(want - np_sigmoid(emb["inputs"]["cxr"], emb["reports"]["cxr"], distinct, 9.0, -3.0)) > 1e-2

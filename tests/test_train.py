@@ -157,3 +157,19 @@ def test_a_damaged_record_stops_the_run_unless_skipping_is_enabled(tmp_path, cap
                                        str(tmp_path / "skipping"))
   assert results is not None and np.isfinite(results["retrieval/rsum"])
   assert any("1 damaged records skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_sigmoid_edge_trains_with_its_own_bias(data_dir, tmp_path):
+  """Edge kinds are config: the CXR-text edge as SigLIP's sigmoid loss, with a learnable bias per edge."""
+  config = tiny_config(data_dir, total_steps=2, **{"loss.edges.cxr_text.kind": "sigmoid",
+                                                   "eval.evaluators": ("retrieval",)})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  params = _final_params(str(tmp_path), 2)
+  assert set(params["logit_biases"]) == {"cxr_text"} and set(params["logit_scales"]) == {
+      "cxr_text", "ecg_text", "cxr_ecg"}
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert rows[0]["logit_bias/cxr_text"] == -10.0  # the value the first step used: its initialisation
+  assert float(params["logit_biases"]["cxr_text"]) != -10.0  # and it learns (warm-up: only the 2nd update moves it)
+  assert np.isfinite(rows[-1]["loss/cxr_text"]) and rows[-1]["loss/cxr_text"] > 0
+  assert 0 <= results["retrieval/cxr_to_text/R@1"] <= 1

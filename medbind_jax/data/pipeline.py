@@ -159,7 +159,7 @@ class Layout:
   def from_edges(cls, edges: Sequence) -> Layout:
     """From `losses.Edge`s."""
     rows = sorted({m for e in edges for m in e.modalities if m != codecs.TEXT})
-    return cls(tuple(rows), tuple(sorted({e.modality for e in edges if e.kind == "tmcl"})),
+    return cls(tuple(rows), tuple(sorted({e.modality for e in edges if e.uses_text})),
                {e.name: tuple(e.modalities) for e in edges if e.kind == "pair"})
 
   @property

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # name -> (data, protocol, config.eval, edges) -> evaluator
 EVALUATORS: dict[str, Callable] = {
     "retrieval": lambda data, protocol, cfg, edges: retrieval.RetrievalEvaluator(
-        data, [e.modality for e in edges if e.kind == "tmcl"], [e.modalities for e in edges if e.kind == "pair"],
+        data, [e.modality for e in edges if e.uses_text], [e.modalities for e in edges if e.kind == "pair"],
         ks=tuple(cfg.ks)),
     "zero_shot": lambda data, protocol, cfg, edges: zero_shot.ZeroShotEvaluator(data, protocol),
     "few_shot": lambda data, protocol, cfg, edges: few_shot.FewShotEvaluator(
