@@ -105,6 +105,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # only linked rows are columns; "all": every row of the batch). The weight of cxr_ecg is MEDBind's lambda
   # (0: the paper's "unbound" ablation).
   c.loss = ml_collections.ConfigDict()
+  # The contrastive matmuls run at full float32 precision ("highest"; scales up to 100 amplify bf16/TF32
+  # rounding on accelerators); "default" leaves it to the platform.
+  c.loss.precision = "highest"
   c.loss.edges = ml_collections.ConfigDict(dict(
       cxr_text=dict(modalities=("cxr", "text"), kind="tmcl", weight=1.0),
       ecg_text=dict(modalities=("ecg", "text"), kind="tmcl", weight=1.0),

@@ -21,6 +21,7 @@ of a tiled `all_gather` is a reduce-scatter, so gradients flow into every device
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Mapping, Sequence
 
@@ -203,8 +204,8 @@ def pair_sum(a_emb: jax.Array, b_emb: jax.Array, linked: jax.Array, scale: jax.A
 
 
 def objective(emb: Mapping[str, Mapping[str, jax.Array]], batch: Mapping[str, Mapping[str, jax.Array]],
-              scales: Mapping[str, jax.Array], edges: Sequence[Edge],
-              axis_name: str | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+              scales: Mapping[str, jax.Array], edges: Sequence[Edge], axis_name: str | None = None,
+              precision: str | None = "highest") -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss L = sum_e weight_e * loss_e and each edge's loss.
 
   Args:
@@ -216,38 +217,44 @@ def objective(emb: Mapping[str, Mapping[str, jax.Array]], batch: Mapping[str, Ma
       bias under `bias_name(edge)`.
     edges: the objective's edges.
     axis_name: data axis when called inside `shard_map`; None on a single device.
+    precision: the contrastive matmuls' precision (`jax.default_matmul_precision` names: 'highest' = full
+      float32, 'tensorfloat32', 'bfloat16'); None: the platform default.
   Returns:
     (loss, {'loss/<edge>': value, 'num_pairs/<pair edge>': count}) with identical values on every device.
   """
   parts, loss = {}, jnp.zeros((), jnp.float32)
-  for edge in edges:
-    scale = scales[edge.logit_scale]
-    if edge.uses_text:
-      args = (emb["inputs"][edge.modality], emb["reports"][edge.modality], batch["text_key"][edge.modality], scale)
-      if edge.kind == "tmcl":
-        total, count = tmcl_sum(*args, axis_name=axis_name)
+  # Scales up to 100 amplify rounding in the logits: on accelerators, bf16/TF32 passes unless `precision` says.
+  with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+    for edge in edges:
+      scale = scales[edge.logit_scale]
+      if edge.uses_text:
+        m = edge.modality
+        args = (emb["inputs"][m], emb["reports"][m], batch["text_key"][m], scale)
+        if edge.kind == "tmcl":
+          total, count = tmcl_sum(*args, axis_name=axis_name)
+        else:
+          total, count = sigmoid_sum(*args, scales[bias_name(edge)], axis_name=axis_name)
+        value = _psum(total, axis_name) / count
       else:
-        total, count = sigmoid_sum(*args, scales[bias_name(edge)], axis_name=axis_name)
-      value = _psum(total, axis_name) / count
-    else:
-      a, b = edge.modalities
-      ids = batch.get("index", {})
-      total, count = pair_sum(emb["inputs"][a], emb["inputs"][b], batch["pair_mask"][edge.name], scale,
-                              edge.negatives, axis_name, ids.get(a), ids.get(b))
-      value = _psum(total, axis_name) / jnp.maximum(count, 1.0)
-      parts[f"num_pairs/{edge.name}"] = count
-    parts[f"loss/{edge.name}"] = value
-    loss = loss + edge.weight * value
+        a, b = edge.modalities
+        ids = batch.get("index", {})
+        total, count = pair_sum(emb["inputs"][a], emb["inputs"][b], batch["pair_mask"][edge.name], scale,
+                                edge.negatives, axis_name, ids.get(a), ids.get(b))
+        value = _psum(total, axis_name) / jnp.maximum(count, 1.0)
+        parts[f"num_pairs/{edge.name}"] = count
+      parts[f"loss/{edge.name}"] = value
+      loss = loss + edge.weight * value
   return loss, parts
 
 
-def sharded_objective(mesh: Mesh, edges: Sequence[Edge], axis_name: str = "data"):
+def sharded_objective(mesh: Mesh, edges: Sequence[Edge], axis_name: str = "data",
+                      precision: str | None = "highest"):
   """`objective` under `jax.shard_map`: batch arrays are split over `axis_name`, scales replicated.
 
   The result is a function of (emb, batch, scales) with `objective`'s result, usable inside jit.
   """
 
   def local(emb, batch, scales):
-    return objective(emb, batch, scales, edges, axis_name=axis_name)
+    return objective(emb, batch, scales, edges, axis_name=axis_name, precision=precision)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(axis_name), P(axis_name), P()), out_specs=(P(), P()))

@@ -227,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start_step = int(state.step)
 
   # ---- Update step -----------------------------------------------------------------------------------------------
-  objective = losses.sharded_objective(mesh, edges, DATA_AXIS)
+  objective = losses.sharded_objective(mesh, edges, DATA_AXIS, precision=config.loss.get("precision", "highest"))
 
   def train_step(state: TrainState, batch: dict, text_table: jax.Array):
     step_rng = jax.random.fold_in(rng, state.step)

@@ -245,3 +245,20 @@ def test_sigmoid_edge_matches_numpy_with_duplicates_as_positives(num_devices):
   # Duplicates are positives: treating them as negatives gives another loss.
   distinct = [f"{t} #{i}" for i, t in enumerate(cxr_texts)]
   assert abs(want - np_sigmoid(emb["inputs"]["cxr"], emb["reports"]["cxr"], distinct, 9.0, -3.0)) > 1e-2
+
+
+def test_the_contrastive_matmuls_run_at_the_configured_precision():
+  """Full float32 by default (on accelerators the platform default would be bf16/TF32 passes), or as set."""
+  emb, batch, scales, _, _ = _problem(8, 4, seed=2, num_linked=3)
+  edges = _edges() + (losses.Edge("ecg_sigmoid", ("ecg", "text"), "sigmoid"),)
+  scales = {**scales, "ecg_sigmoid": np.float32(3.0), losses.bias_name(edges[-1]): np.float32(-1.0)}
+
+  def dots(**kwargs):
+    jaxpr = jax.make_jaxpr(lambda e: losses.objective(e, batch, scales, edges, **kwargs)[0])(emb)
+    return [str(eqn.params["precision"]) for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
+
+  highest = dots()
+  assert len(highest) == 5  # tmcl x2 (one each), pair x2, sigmoid x1
+  assert all("HIGHEST" in p for p in highest), highest
+  assert all("HIGHEST" not in p for p in dots(precision=None)), dots(precision=None)
+  assert all("HIGH" in p and "HIGHEST" not in p for p in dots(precision="tensorfloat32"))
