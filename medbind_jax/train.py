@@ -65,16 +65,17 @@ def prepare_data(config) -> str:
   return data_dir
 
 
-def build_text_table(model: MedBind, text_params, texts: list[str], tokenize: text_lib.Tokenize, cache_dir: str,
-                     batch_size: int = 128) -> np.ndarray:
-  """[len(texts), width] frozen text-trunk features, computed once per unique text and cached on disk.
+def build_text_table(model: MedBind, text_params, trunk_fingerprint: str, texts: list[str],
+                     tokenize: text_lib.Tokenize, cache_dir: str, batch_size: int = 128) -> np.ndarray:
+  """[len(texts), width] frozen text-trunk features, computed once per unique text and cached on disk (keyed by
+  the texts, the tokenizer and `trunk_fingerprint`, `runs.params_fingerprint` of `text_params`).
 
   Texts are run shortest first in chunks padded to a multiple of 16 tokens (a handful of compiled shapes, and
   no work spent on padding a short report to the longest one). Fixed order and chunking make the result
   deterministic, so a resumed run gets the same table.
   """
   digest = hashlib.sha256(json.dumps([texts, tokenize.max_length, tokenize.tokenizer_dir]).encode())
-  digest.update(runs.params_fingerprint(text_params).encode())  # the weights themselves, not where they came from
+  digest.update(trunk_fingerprint.encode())  # the weights themselves, not where they came from
   path = os.path.join(cache_dir, f"text_features_{digest.hexdigest()[:20]}.npy")
   if os.path.exists(path):
     return np.load(path)
@@ -188,9 +189,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if text_mode == "cached":
     # The frozen trunk leaves the trained parameters; its output is a table row per unique training report.
     text_params = params["towers"].pop(codecs.TEXT)
-    runs.check_text_trunk(workdir, config, text_params, record=is_main)
+    trunk_fingerprint = runs.check_text_trunk(workdir, config, text_params, record=is_main)
     texts = sorted({r.reports[mod] for r in train_index.records for mod in layout.report_modalities if r.has(mod)})
-    text_table = build_text_table(model, text_params, texts, tokenize, cache_dir(config, workdir))
+    text_table = build_text_table(model, text_params, trunk_fingerprint, texts, tokenize,
+                                  cache_dir(config, workdir))
     text_inputs = text_lib.TableRows({t: i for i, t in enumerate(texts)})
   else:
     text_inputs = tokenize
@@ -217,7 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                                         "data": grain.checkpoint.CheckpointHandler()})
   if restore_from is not None:
     step = restore_from.latest_step()
-    refuse_old_layout(restore_from.directory, step)
+    if restore_from is not manager:  # this workdir's own latest checkpoint was checked before anything was written
+      refuse_old_layout(restore_from.directory, step)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = restore_from.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(train_iter)))
