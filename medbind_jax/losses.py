@@ -17,6 +17,10 @@ All functions take *local* rows and *gathered* columns, so the single-device los
 same code: on one device the local rows are the whole batch; under `shard_map` each device scores its rows
 against the all-gathered columns and the per-device sums are `psum`med (open_clip's "local loss"). The gradient
 of a tiled `all_gather` is a reduce-scatter, so gradients flow into every device's embeddings without extra work.
+
+An edge with `chunk` > 0 streams its logits `chunk` columns at a time (`chunked_losses.py`: an online
+log-sum-exp with a custom VJP that recomputes each block), so a device holds [rows, chunk] logits instead of
+[rows, B]: the same loss and gradients at batch sizes whose whole logits would not fit.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Edge:
   weight: float = 1.0
   logit_scale: str = ""
   negatives: str = "linked"
+  chunk: int = 0  # > 0: logits formed `chunk` columns at a time (memory O(rows x chunk); chunked_losses.py)
 
   def __post_init__(self):
     where = f"loss.edges.{self.name}"
@@ -60,6 +65,8 @@ class Edge:
                        f"{self.modalities!r}; use kind='tmcl' for text")
     if self.negatives not in PAIR_NEGATIVES:
       raise ValueError(f"{where}: negatives must be one of {PAIR_NEGATIVES}, got {self.negatives!r}")
+    if not isinstance(self.chunk, int) or self.chunk < 0:
+      raise ValueError(f"{where}: chunk must be 0 (whole logits) or a positive column count, got {self.chunk!r}")
     if self.kind in TEXT_KINDS and self.modalities[0] == TEXT:  # canonical order: (M, text)
       object.__setattr__(self, "modalities", (self.modalities[1], TEXT))
     if not self.logit_scale:
@@ -166,7 +173,8 @@ def sigmoid_sum(mod_emb: jax.Array, text_emb: jax.Array, text_key: jax.Array, sc
 
 def pair_sum(a_emb: jax.Array, b_emb: jax.Array, linked: jax.Array, scale: jax.Array,
              negatives: str = "linked", axis_name: str | None = None, a_ids: jax.Array | None = None,
-             b_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+             b_ids: jax.Array | None = None, rows: int | None = None, chunk: int = 0
+             ) -> tuple[jax.Array, jax.Array]:
   """Sum over this device's linked rows of the symmetric pair loss (EMCL for CXR-ECG), and the global number of
   linked pairs.
 
@@ -174,38 +182,54 @@ def pair_sum(a_emb: jax.Array, b_emb: jax.Array, linked: jax.Array, scale: jax.A
   nothing. Shapes are static; the number of linked pairs is data and only ever used as a count. `a_ids`,
   `b_ids` ([b] int, e.g. record numbers): a column holding the partner's own record at another row (the same
   ECG drawn again by the unlinked pool, or a linked record repeated at an epoch boundary) is the positive
-  itself, so it is left out of the negatives rather than pushed away.
+  itself, so it is left out of the negatives rather than pushed away. `rows`: every device's linked rows lie in
+  its first `rows` rows (the pipeline's static linked prefix), so only those are scored: against the gathered
+  prefixes alone with 'linked' negatives ([rows, devices * rows] logits instead of [b, B]), against every row
+  with 'all'. `chunk` > 0: `chunked_losses.chunked_pair_sum` on the same rows (the prefix with 'linked'
+  negatives; every row with 'all').
   """
+  if rows == 0:  # no row can be linked (linked_per_batch = 0)
+    return jnp.zeros((), jnp.float32), _psum(linked.sum().astype(jnp.float32), axis_name)
+  if rows is not None and negatives == "linked":  # every column that can be a negative sits in a prefix
+    a_emb, b_emb, linked = a_emb[:rows], b_emb[:rows], linked[:rows]
+    a_ids, b_ids = (None if x is None else x[:rows] for x in (a_ids, b_ids))
+    rows = None
+  if chunk:
+    return chunked_losses.chunked_pair_sum(a_emb, b_emb, linked, scale, negatives, axis_name, a_ids, b_ids,
+                                           chunk=chunk)
   all_a, all_b, all_linked = (_gather(x, axis_name) for x in (a_emb, b_emb, linked))
   b, n = linked.shape[0], all_linked.shape[0]
+  r = b if rows is None else rows
   offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
-  partner = (offset + jnp.arange(b))[:, None] == jnp.arange(n)[None, :]  # [b, N] global diagonal
+  partner = (offset + jnp.arange(r))[:, None] == jnp.arange(n)[None, :]  # [r, N] global diagonal
+  q_a, q_b, q_linked = a_emb[:r], b_emb[:r], linked[:r]
   if negatives == "linked":
-    columns = jnp.broadcast_to(all_linked[None, :], (b, n))
+    columns = jnp.broadcast_to(all_linked[None, :], (r, n))
   else:
-    columns = jnp.ones((b, n), bool)
+    columns = jnp.ones((r, n), bool)
 
   def usable(ids):
-    """[b, N] columns of one direction: `columns` less the partner's own record elsewhere. Unlinked rows would
+    """[r, N] columns of one direction: `columns` less the partner's own record elsewhere. Unlinked rows would
     mask out every column in "linked" mode; give them all columns (finite logsumexp, so no NaN reaches the
     gradient) and drop their loss below."""
     keep = columns
     if ids is not None:
-      keep = keep & ~((_gather(ids, axis_name)[None, :] == ids[:, None]) & ~partner)
-    return keep | ~linked[:, None]
+      keep = keep & ~((_gather(ids, axis_name)[None, :] == ids[:r, None]) & ~partner)
+    return keep | ~q_linked[:, None]
 
   def directional(q, keys, keep):
     logits = jnp.where(keep, scale * q @ keys.T, -jnp.inf)
     return jax.nn.logsumexp(logits, axis=-1) - jnp.where(partner, logits, 0.0).sum(-1)
 
-  per_row = 0.5 * (directional(a_emb, all_b, usable(b_ids)) + directional(b_emb, all_a, usable(a_ids)))
+  per_row = 0.5 * (directional(q_a, all_b, usable(b_ids)) + directional(q_b, all_a, usable(a_ids)))
   # Count with a psum, not from the gathered mask, so the count is typed as equal on every device.
-  return jnp.where(linked, per_row, 0.0).sum(), _psum(linked.sum().astype(jnp.float32), axis_name)
+  return jnp.where(q_linked, per_row, 0.0).sum(), _psum(linked.sum().astype(jnp.float32), axis_name)
 
 
 def objective(emb: Mapping[str, Mapping[str, jax.Array]], batch: Mapping[str, Mapping[str, jax.Array]],
               scales: Mapping[str, jax.Array], edges: Sequence[Edge], axis_name: str | None = None,
-              precision: str | None = "highest") -> tuple[jax.Array, dict[str, jax.Array]]:
+              precision: str | None = "highest", linked_rows: int | None = None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss L = sum_e weight_e * loss_e and each edge's loss.
 
   Args:
@@ -219,6 +243,8 @@ def objective(emb: Mapping[str, Mapping[str, jax.Array]], batch: Mapping[str, Ma
     axis_name: data axis when called inside `shard_map`; None on a single device.
     precision: the contrastive matmuls' precision (`jax.default_matmul_precision` names: 'highest' = full
       float32, 'tensorfloat32', 'bfloat16'); None: the platform default.
+    linked_rows: the static prefix of every device's rows that holds its linked rows (`pipeline.BatchSpec.
+      linked_rows_per_shard`); pair edges then score only those. None: any row may be linked.
   Returns:
     (loss, {'loss/<edge>': value, 'num_pairs/<pair edge>': count}) with identical values on every device.
   """
@@ -230,8 +256,13 @@ def objective(emb: Mapping[str, Mapping[str, jax.Array]], batch: Mapping[str, Ma
       if edge.uses_text:
         m = edge.modality
         args = (emb["inputs"][m], emb["reports"][m], batch["text_key"][m], scale)
-        if edge.kind == "tmcl":
+        if edge.kind == "tmcl" and edge.chunk:
+          total, count = chunked_losses.chunked_tmcl_sum(*args, axis_name=axis_name, chunk=edge.chunk)
+        elif edge.kind == "tmcl":
           total, count = tmcl_sum(*args, axis_name=axis_name)
+        elif edge.chunk:
+          total, count = chunked_losses.chunked_sigmoid_sum(*args, scales[bias_name(edge)], axis_name=axis_name,
+                                                            chunk=edge.chunk)
         else:
           total, count = sigmoid_sum(*args, scales[bias_name(edge)], axis_name=axis_name)
         value = _psum(total, axis_name) / count
@@ -239,7 +270,8 @@ def objective(emb: Mapping[str, Mapping[str, jax.Array]], batch: Mapping[str, Ma
         a, b = edge.modalities
         ids = batch.get("index", {})
         total, count = pair_sum(emb["inputs"][a], emb["inputs"][b], batch["pair_mask"][edge.name], scale,
-                                edge.negatives, axis_name, ids.get(a), ids.get(b))
+                                edge.negatives, axis_name, ids.get(a), ids.get(b), rows=linked_rows,
+                                chunk=edge.chunk)
         value = _psum(total, axis_name) / jnp.maximum(count, 1.0)
         parts[f"num_pairs/{edge.name}"] = count
       parts[f"loss/{edge.name}"] = value
@@ -247,14 +279,19 @@ def objective(emb: Mapping[str, Mapping[str, jax.Array]], batch: Mapping[str, Ma
   return loss, parts
 
 
-def sharded_objective(mesh: Mesh, edges: Sequence[Edge], axis_name: str = "data",
-                      precision: str | None = "highest"):
-  """`objective` under `jax.shard_map`: batch arrays are split over `axis_name`, scales replicated.
+def sharded_objective(mesh: Mesh, edges: Sequence[Edge], axis_name: str | tuple[str, ...] = "data",
+                      precision: str | None = "highest", linked_rows: int | None = None):
+  """`objective` under `jax.shard_map`: batch arrays are split over `axis_name` (one mesh axis or several, in
+  order), scales replicated.
 
   The result is a function of (emb, batch, scales) with `objective`'s result, usable inside jit.
   """
 
   def local(emb, batch, scales):
-    return objective(emb, batch, scales, edges, axis_name=axis_name, precision=precision)
+    return objective(emb, batch, scales, edges, axis_name=axis_name, precision=precision, linked_rows=linked_rows)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(axis_name), P(axis_name), P()), out_specs=(P(), P()))
+
+
+# The chunked forms build on the helpers above; imported last, as they import this module.
+from medbind_jax import chunked_losses  # noqa: E402  pylint: disable=wrong-import-position

@@ -1,6 +1,8 @@
 """TMCL / EMCL (tmcl and pair edges) against an independent plain-numpy implementation, and sharded ==
 single-device."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from jax.sharding import AxisType
 
 from medbind_jax import losses
+from medbind_jax.data import pipeline
 
 
 def _np_log_softmax(x):
@@ -262,3 +265,63 @@ def test_the_contrastive_matmuls_run_at_the_configured_precision():
   assert all("HIGHEST" in p for p in highest), highest
   assert all("HIGHEST" not in p for p in dots(precision=None)), dots(precision=None)
   assert all("HIGH" in p and "HIGHEST" not in p for p in dots(precision="tensorfloat32"))
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+@pytest.mark.parametrize("num_linked", [0, 5, 16])
+@pytest.mark.parametrize("negatives", ["linked", "all"])
+def test_pair_edges_score_only_the_static_linked_prefix(num_devices, num_linked, negatives):
+  """With the pipeline's layout (each device's linked rows dealt into a prefix of its rows), scoring only the
+  prefix gives the loss and gradients of scoring every row, with fewer logits (5 linked rows over 8 devices:
+  some prefixes hold an unlinked row)."""
+  spec = pipeline.BatchSpec(32, num_linked, shards=num_devices)
+  linked = spec.linked_slots() >= 0
+  assert linked.sum() == num_linked
+  assert all(not linked[d * (32 // num_devices) + spec.linked_rows_per_shard:(d + 1) * (32 // num_devices)].any()
+             for d in range(num_devices))  # the linked rows of every device lie in its prefix
+  emb, batch, scales, _, _ = _problem(32, 8, seed=num_linked, num_linked=0)
+  batch["pair_mask"]["cxr_ecg"] = linked
+  batch["index"] = {m: np.arange(32, dtype=np.int32) for m in ("cxr", "ecg")}
+  batch["index"]["ecg"][31] = batch["index"]["ecg"][0]  # an unlinked copy of a linked row's ECG
+  edges = _edges(negatives=negatives)
+  mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:num_devices])
+
+  def run(rows):
+    objective = losses.sharded_objective(mesh, edges, linked_rows=rows)
+    return jax.jit(jax.value_and_grad(lambda e, s: objective(e, batch, s)[1]["loss/cxr_ecg"], argnums=(0, 1)))(
+        emb, scales)
+
+  (got, got_grads), (want, want_grads) = run(spec.linked_rows_per_shard), run(None)
+  z = emb["inputs"]
+  np.testing.assert_allclose(want, np_emcl(z["cxr"], z["ecg"], linked, 7.5, negatives, batch["index"]["cxr"],
+                                           batch["index"]["ecg"]), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+  if negatives == "linked" and num_linked:  # the prefix path forms [k, devices * k] logits, not [b, B]
+    jaxpr = str(jax.make_jaxpr(lambda e: losses.objective(e, batch, scales, edges[2:],
+                                                          linked_rows=spec.linked_rows_per_shard)[0])(emb))
+    k = spec.linked_rows_per_shard
+    assert f"f32[{k},{k}]" in jaxpr and "f32[32,32]" not in jaxpr
+
+
+def test_chunked_edges_in_the_objective_equal_whole_logits():
+  """`chunk` on an edge (config.loss.edges.<name>.chunk) switches it to the streamed form: same loss and
+  gradients, with the static linked prefix on pair edges."""
+  emb, batch, scales, _, _ = _problem(16, 8, seed=4, num_linked=0)
+  batch["pair_mask"]["cxr_ecg"] = np.arange(16) < 6
+  whole = _edges()
+  whole += (losses.Edge("ecg_sigmoid", ("ecg", "text"), "sigmoid"),)
+  scales = {**scales, "ecg_sigmoid": np.float32(3.0), losses.bias_name(whole[-1]): np.float32(-1.0)}
+  chunked = tuple(dataclasses.replace(e, chunk=4 if e.kind != "pair" else 2) for e in whole)
+
+  def run(edges):
+    return jax.jit(jax.value_and_grad(lambda e, s: losses.objective(e, batch, s, edges, linked_rows=6)[0],
+                                      argnums=(0, 1)))(emb, scales)
+
+  (got, got_grads), (want, want_grads) = run(chunked), run(whole)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="chunk must be 0"):
+    losses.Edge("x", ("cxr", "text"), "sigmoid", chunk=-4)

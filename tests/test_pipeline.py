@@ -46,6 +46,25 @@ def test_batch_layout(index):
   assert batch["reports"]["cxr"]["row"].shape == (8,)
 
 
+def test_linked_rows_are_a_prefix_of_every_device_block(index):
+  """Split over devices, each device's block starts with its linked rows (dealt round-robin), so pair edges can
+  score a static prefix; the same records as the one-device layout, one encounter per linked row."""
+  one = _dataset(index)[0]
+  spec = pipeline.BatchSpec(8, 3, shards=2)  # 3 linked rows over 2 devices: prefixes of 2, one slot unlinked
+  assert spec.linked_rows_per_shard == 2 and spec.linked_slots().tolist() == [0, 2, -1, -1, 1, -1, -1, -1]
+  two = pipeline.train_dataset(index, _rows(index), spec, LAYOUT, specs=SPECS, seed=0)[0]
+  assert two["pair_mask"]["cxr_ecg"].tolist() == [True, True, False, False, True, False, False, False]
+  linked = two["pair_mask"]["cxr_ecg"]
+  np.testing.assert_array_equal(two["index"]["cxr"][linked], two["index"]["ecg"][linked])
+  assert all(index.records[i].linked for i in two["index"]["cxr"][linked])
+  np.testing.assert_array_equal(two["index"]["cxr"][[0, 4, 1]], one["index"]["cxr"][:3])  # linked rows 0, 1, 2
+  spec = pipeline.BatchSpec(8, 4, shards=2)
+  assert pipeline.train_dataset(index, _rows(index), spec, LAYOUT, specs=SPECS, seed=0)[0]["pair_mask"][
+      "cxr_ecg"].tolist() == [True, True, False, False] * 2
+  with pytest.raises(ValueError, match="must divide by the 3 devices"):
+    pipeline.BatchSpec(8, 2, shards=3)
+
+
 def test_deterministic_by_seed(index):
   a, b, c = _dataset(index, seed=1), _dataset(index, seed=1), _dataset(index, seed=2)
   for step in range(3):

@@ -5,12 +5,17 @@ Batch layout (one process's share of a global batch of `n` rows of every modalit
   inputs     {modality: float32 [b, ...]}  the codec's model input per row
   reports    {modality: text inputs}       the rows' report texts (see text.py), for modalities of tmcl edges
   text_key   {modality: int32 [b, 2]}      equal key = same report text
-  pair_mask  {pair edge: bool [b]}         rows < m_local hold the two modalities of one linked encounter
+  pair_mask  {pair edge: bool [b]}         rows that hold the two modalities of one linked encounter
   index      {modality: int32 [b]}         record numbers in the split index
 
-with b = n / process_count. The first m_local rows come from linked encounters that have every modality of
-the pair edges (those modalities of a row are one encounter's); every other row and modality draws
-independently from all records with that modality. Each pool is an endless stream, reshuffled every epoch;
+with b = n / process_count. The process's rows are split into `shards` equal consecutive blocks, one per local
+device, and the m_local linked rows (from linked encounters that have every modality of the pair edges; those
+modalities of a row are one encounter's) sit at the start of the blocks, dealt round-robin: block s holds linked
+rows s, s + shards, ... So every device's linked rows are a static prefix of `linked_rows_per_shard` rows
+(the last prefix slots of some blocks hold unlinked rows, masked out, when m_local does not divide by
+`shards`), and a pair edge scores only that prefix. Every other row and modality draws independently from all
+records with that modality. With one shard the first m_local rows are the linked ones. Each pool is an endless
+stream, reshuffled every epoch;
 global step t takes stream items [t*k, (t+1)*k) of each pool and process p takes its slice of those. So the
 global batch at a step does not depend on the number of processes, and the whole order is a function of the
 seed: restoring the iterator's position restores the data exactly.
@@ -174,6 +179,7 @@ class BatchSpec:
   linked_per_batch: int  # m: rows that come from linked encounters
   process_index: int = 0
   process_count: int = 1
+  shards: int = 1  # the devices of this process its rows are split over, in order
 
   def __post_init__(self):
     n, m, procs = self.global_batch_size, self.linked_per_batch, self.process_count
@@ -181,6 +187,9 @@ class BatchSpec:
       raise ValueError(f"batch_size {n} and linked_per_batch {m} must both divide by the {procs} processes")
     if not 0 <= m <= n:
       raise ValueError(f"linked_per_batch must be in [0, batch_size={n}], got {m}")
+    if self.shards < 1 or self.local_batch_size % self.shards:
+      raise ValueError(f"batch_size {n} must divide by the {procs * self.shards} devices "
+                       f"({self.shards} per process)")
 
   @property
   def local_batch_size(self) -> int:
@@ -189,6 +198,18 @@ class BatchSpec:
   @property
   def local_linked(self) -> int:
     return self.linked_per_batch // self.process_count
+
+  @property
+  def linked_rows_per_shard(self) -> int:
+    """The static prefix of every device's rows that can hold linked rows (ceil(m_local / shards))."""
+    return -(-self.local_linked // self.shards)
+
+  def linked_slots(self) -> np.ndarray:
+    """[b] int: the linked row (0..m_local-1) each local row holds, -1 for unlinked rows (see module docstring)."""
+    rows = self.local_batch_size // self.shards
+    position, shard = np.arange(self.local_batch_size) % rows, np.arange(self.local_batch_size) // rows
+    slot = position * self.shards + shard
+    return np.where((position < self.linked_rows_per_shard) & (slot < self.local_linked), slot, -1)
 
 
 class _AssembleBatch(grain.transforms.Map):
@@ -209,10 +230,12 @@ class _AssembleBatch(grain.transforms.Map):
     linked = self._stream_slice(LINKED, step, spec.linked_per_batch, spec.local_linked)
     unlinked = spec.global_batch_size - spec.linked_per_batch
     local_unlinked = spec.local_batch_size - spec.local_linked
+    slots = spec.linked_slots()
     ids = {}
     for m in layout.modalities:
       if m in layout.linked_modalities:
-        ids[m] = linked + self._stream_slice(m, step, unlinked, local_unlinked)
+        others = iter(self._stream_slice(m, step, unlinked, local_unlinked))
+        ids[m] = [linked[j] if j >= 0 else next(others) for j in slots]
       else:  # not bound to a partner: every row draws from the modality's own pool
         ids[m] = self._stream_slice(m, step, spec.global_batch_size, spec.local_batch_size)
     inputs = {m: [] for m in layout.modalities}
@@ -226,7 +249,7 @@ class _AssembleBatch(grain.transforms.Map):
           decoded[record] = self.reader.encounter(record)
         inputs[m].append(self.reader.input(decoded[record], m, rng))
     texts = {m: [self.reports[m][i] for i in ids[m]] for m in layout.report_modalities}
-    pair_mask = np.arange(spec.local_batch_size) < spec.local_linked
+    pair_mask = slots >= 0
     return {
         "inputs": {m: np.stack(x) for m, x in inputs.items()},
         "reports": {m: self.text_inputs(t) for m, t in texts.items()},
