@@ -1,6 +1,7 @@
 """The built-in synthetic clinical world: patients -> encounters -> phantom CXR + report, 12-lead ECG + statement.
 
-    python -m data_prep.synthetic_world --out data/synthetic_world [--seed 0] [--num_patients 3000] [--workers 2]
+    python -m data_prep.synthetic_world --out data/synthetic_world [--seed 0] [--num_patients 3000] [--workers 2] \
+        [--ecg_store_rate 100]
 
 Each patient has latent factors (age, body habitus, heart axis, heart-failure and infection propensities, LV
 remodelling, conduction disease); each encounter perturbs them into a `ClinicalState` of continuous severities that
@@ -10,7 +11,9 @@ Labels are exactly what the reports state; `label_cxr_report` / `label_ecg_repor
 
 Output: TFRecord shards in the project schema (`medbind_jax.data.schema`) plus `dataset_info.json`, split by patient,
 byte-identical for the same `WorldParams` whatever the number of worker processes: every patient draws from its own
-RNG seeded by (seed, patient index), and patients are assigned to shards by index.
+RNG seeded by (seed, patient index), and patients are assigned to shards by index. ECGs are synthesised at
+`ecg_sampling_rate` (500 Hz) and, with `ecg_store_rate`, resampled once here to the rate training reads them at, so
+the input pipeline need not resample every record on every read.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from PIL import Image
 import tqdm
 
 from data_prep import synthetic_phantoms as phantoms
-from medbind_jax.data import codecs, schema
+from medbind_jax.data import codecs, preprocess, schema
 from medbind_jax.data.tfrecord import TFRecordWriter
 
 # Bump whenever the generator's output changes for the same parameters: it is part of the cache fingerprint.
@@ -63,8 +66,11 @@ class WorldParams:
   link_fraction: float = 0.5  # share of encounters with both a CXR and an ECG (linked)
   cxr_only_fraction: float = 0.5  # of the unlinked encounters, the share that are CXR-only (the rest ECG-only)
   image_size: int = 128
-  ecg_sampling_rate: int = 500
+  ecg_sampling_rate: int = 500  # the rate ECGs are synthesised at
   ecg_seconds: float = 10.0
+  # The rate ECGs are stored at: resampled from ecg_sampling_rate once, at generation, as the input pipeline would at
+  # every read (set it to the training rate, config.data.ecg.sampling_rate). 0: stored at ecg_sampling_rate.
+  ecg_store_rate: int = 0
   ecg_gain: float = 1000.0  # ADC units per mV
   split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test (by patient)
   num_shards: tuple[int, int, int] = (8, 2, 2)  # train, val, test
@@ -80,12 +86,32 @@ class WorldParams:
       raise ValueError(f"num_shards must be 3 positive counts (train, val, test), got {self.num_shards}")
     if self.image_size < 32:
       raise ValueError(f"image_size must be >= 32, got {self.image_size}")
+    if self.ecg_sampling_rate <= 0 or self.ecg_store_rate < 0:
+      raise ValueError(f"ecg_sampling_rate must be positive and ecg_store_rate non-negative (0: the sampling rate), "
+                       f"got {self.ecg_sampling_rate} and {self.ecg_store_rate}")
+
+  @property
+  def ecg_rate_stored(self) -> int:
+    """The sampling rate of the stored ECGs (Hz)."""
+    return self.ecg_store_rate or self.ecg_sampling_rate
+
+
+# Fields added after worlds were first generated, with the default that reproduces the earlier output. At that
+# default a field is left out of the fingerprint and the recorded params, so existing generated worlds stay valid
+# (same fingerprint, reused) and a world generated now is byte-identical to one generated before the field existed.
+_LATER_FIELD_DEFAULTS = {"ecg_store_rate": 0}
+
+
+def canonical_params(params: WorldParams) -> dict:
+  """`params` as a dict, less the later-added fields at their backward-compatible default."""
+  return {k: v for k, v in dataclasses.asdict(params).items()
+          if not (k in _LATER_FIELD_DEFAULTS and v == _LATER_FIELD_DEFAULTS[k])}
 
 
 def fingerprint(params: WorldParams) -> str:
   """sha256 of the generator version and the canonical JSON of `params`: the cache key of a generated world."""
   canonical = json.dumps({"generator_version": GENERATOR_VERSION, "schema_version": schema.SCHEMA_VERSION,
-                          "params": dataclasses.asdict(params)}, sort_keys=True, separators=(",", ":"))
+                          "params": canonical_params(params)}, sort_keys=True, separators=(",", ":"))
   return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -429,6 +455,19 @@ def _extras(state: phantoms.ClinicalState) -> dict[str, list[float]]:
   return {k: [float(v)] for k, v in values.items()}
 
 
+def _ecg_to_store_rate(leads_mv: np.ndarray, params: WorldParams) -> np.ndarray:
+  """Synthesised leads (mV [T, 12] at `ecg_sampling_rate`) -> `ecg_seconds` of them at `ecg_rate_stored`, resampled
+  by the reader's own code (`preprocess.preprocess_ecg`, without augmentation): what the input pipeline computes from
+  a record stored at the synthesis rate, without that record's int16 rounding (the stored record rounds once, after
+  resampling)."""
+  rate = params.ecg_rate_stored
+  if rate == params.ecg_sampling_rate:
+    return leads_mv
+  spec = preprocess.EcgSpec(sampling_rate=float(rate), num_samples=int(round(rate * params.ecg_seconds)),
+                            leads=schema.LEADS_12, scale_mv=1.0)
+  return preprocess.preprocess_ecg(leads_mv, float(params.ecg_sampling_rate), spec, name="synthetic ECG")
+
+
 def _png(image: np.ndarray) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="PNG")
@@ -464,10 +503,11 @@ def patient_encounters(params: WorldParams, patient_index: int) -> Iterator[sche
                                  labels=[float(cxr_found[k]) for k in CXR_LABELS], study_id=f"{patient_id}-cxr{k}",
                                  time=t)
     if take_ecg:
-      leads = phantoms.synthesize_ecg(state, rng, params.ecg_sampling_rate, params.ecg_seconds)
+      leads = _ecg_to_store_rate(phantoms.synthesize_ecg(state, rng, params.ecg_sampling_rate, params.ecg_seconds),
+                                 params)
       ecg = codecs.EcgData(samples=phantoms.quantize_ecg(leads, params.ecg_gain),
                            gain=[params.ecg_gain] * len(schema.LEADS_12), leads=schema.LEADS_12,
-                           sampling_rate=float(params.ecg_sampling_rate))
+                           sampling_rate=float(params.ecg_rate_stored))
       ecg_time = t + (rng.uniform(-12.0, 12.0) * 3600.0 if linked else 0.0)  # a linked ECG: within 12 h of its CXR
       parts["ecg"] = schema.Part(data=ecg, report=ecg_report(state), labels=[float(ecg_found[k]) for k in ECG_LABELS],
                                  study_id=f"{patient_id}-ecg{k}", time=ecg_time)
@@ -591,10 +631,10 @@ def generate_world(out_dir: str | os.PathLike, params: WorldParams = WorldParams
       source="data_prep/synthetic_world.py (generated; no real patient data)",
       licence="CC0-1.0 (synthetic data generated by this project)",
       description="Synthetic clinical world: patients with latent heart-failure / infection / anatomy factors; per "
-                  "encounter a phantom PA chest X-ray with a radiology report and/or a 12-lead 500 Hz ECG with a "
-                  "machine-read statement. Labels are the findings the reports state; extra/* holds the continuous "
-                  "latent severities shared by a linked CXR and ECG.",
-      generator_version=GENERATOR_VERSION, params=dataclasses.asdict(params), fingerprint=fingerprint(params),
+                  "encounter a phantom PA chest X-ray with a radiology report and/or a 12-lead "
+                  f"{params.ecg_rate_stored} Hz ECG with a machine-read statement. Labels are the findings the reports "
+                  "state; extra/* holds the continuous latent severities shared by a linked CXR and ECG.",
+      generator_version=GENERATOR_VERSION, params=canonical_params(params), fingerprint=fingerprint(params),
       shard_bytes={stats.file: size for _, stats, size in sorted(results, key=lambda r: r[1].file)},
       thresholds=THRESHOLDS)
   info = schema.read_dataset_info(out_dir)  # as JSON gives it back (lists, not tuples), like a reused world
@@ -634,12 +674,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--num_patients", type=int, default=WorldParams.num_patients)
   parser.add_argument("--link_fraction", type=float, default=WorldParams.link_fraction)
   parser.add_argument("--image_size", type=int, default=WorldParams.image_size)
+  parser.add_argument("--ecg_store_rate", type=int, default=WorldParams.ecg_store_rate,
+                      help="store ECGs resampled to this rate in Hz, e.g. the training rate (default: the "
+                           f"synthesis rate, {WorldParams.ecg_sampling_rate} Hz)")
   parser.add_argument("--workers", type=int, default=None, help="processes (default min(2, cpu count))")
   parser.add_argument("--force", action="store_true", help="regenerate even if an identical world is present")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   params = WorldParams(seed=args.seed, num_patients=args.num_patients, link_fraction=args.link_fraction,
-                       image_size=args.image_size)
+                       image_size=args.image_size, ecg_store_rate=args.ecg_store_rate)
   make = generate_world if args.force else ensure_world
   info = make(args.out, params, workers=args.workers)
   for split, stats in info["splits"].items():

@@ -6,6 +6,7 @@ trusting the generator's bookkeeping.
 """
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -15,8 +16,9 @@ from PIL import Image
 import pytest
 from scipy import ndimage, signal
 
+from configs import medbind
 from data_prep import synthetic_world as sw
-from medbind_jax.data import schema, tfrecord
+from medbind_jax.data import codecs, schema, tfrecord
 
 TINY = sw.WorldParams(num_patients=40, num_shards=(3, 1, 1))
 
@@ -101,6 +103,71 @@ def test_ensure_world_refuses_a_directory_of_another_dataset(tmp_path):
   (tmp_path / schema.DATASET_INFO).write_text(json.dumps({"name": "mimic_cxr"}))
   with pytest.raises(ValueError, match="not a synthetic world"):
     sw.ensure_world(tmp_path, sw.WorldParams(num_patients=2), workers=1, progress=False)
+
+
+def _fingerprint_without_ecg_store_rate(params: sw.WorldParams) -> str:
+  """The fingerprint as computed before `ecg_store_rate` existed: the same recipe over every other field."""
+  fields = dataclasses.asdict(params)
+  del fields["ecg_store_rate"]
+  canonical = json.dumps({"generator_version": sw.GENERATOR_VERSION, "schema_version": schema.SCHEMA_VERSION,
+                          "params": fields}, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def test_ecg_store_rate_at_its_default_keeps_existing_fingerprints(world):
+  # Unset, the field stays out of the fingerprint and the recorded params: worlds generated before it existed are
+  # still reused, not regenerated.
+  assert sw.WorldParams().ecg_store_rate == 0 and sw.WorldParams().ecg_rate_stored == 500
+  for params in (sw.WorldParams(), TINY, sw.WorldParams(seed=3, num_patients=10, ecg_sampling_rate=250)):
+    assert sw.fingerprint(params) == _fingerprint_without_ecg_store_rate(params)
+  assert "ecg_store_rate" not in world[1]["params"] and "12-lead 500 Hz ECG" in world[1]["description"]
+  # Set, it is part of the cache key.
+  stored = {sw.fingerprint(dataclasses.replace(TINY, ecg_store_rate=rate)) for rate in (100, 250)}
+  assert len(stored) == 2 and sw.fingerprint(TINY) not in stored
+  with pytest.raises(ValueError, match="ecg_store_rate"):
+    sw.WorldParams(ecg_store_rate=-100)
+
+
+def test_ecgs_stored_at_the_training_rate_give_the_same_model_inputs(tmp_path):
+  config = medbind.get_config()
+  # The default config stores the world's ECGs at its training rate (as `train.prepare_data` builds the params).
+  params = sw.WorldParams(**{k: v for k, v in config.data.synthetic.to_dict().items() if k != "workers"})
+  assert params.ecg_store_rate == config.data.ecg.sampling_rate == 100
+  small = sw.WorldParams(num_patients=8, num_shards=(1, 1, 1))
+  fast = dataclasses.replace(small, ecg_store_rate=params.ecg_store_rate)
+  info = sw.generate_world(tmp_path / "100hz", fast, workers=1, progress=False)
+  assert info["params"]["ecg_store_rate"] == 100 and "12-lead 100 Hz ECG" in info["description"]
+  sw.generate_world(tmp_path / "500hz", small, workers=1, progress=False)
+  at_100 = {e.encounter_id: e for encs in _read_world(tmp_path / "100hz").values() for e in encs}
+  at_500 = {e.encounter_id: e for encs in _read_world(tmp_path / "500hz").values() for e in encs}
+  assert at_100.keys() == at_500.keys()
+
+  codec = codecs.get("ecg")
+  spec = codec.make_spec(config.data.ecg)
+  # Storing rounds the resampled signal once (0.5 / gain); the 500 Hz record's rounding (0.5 / gain per sample) goes
+  # through the reader's resampling filter, whose worst-case gain is the filter's L1 norm (scipy's resample_poly
+  # design for 500 -> 100 Hz: 1.78). Together at most 1.39 / gain: 1.4 uV at 1000 units per mV.
+  taps = signal.firwin(2 * 10 * 5 + 1, 1 / 5, window=("kaiser", 5.0))
+  bound = 0.5 / small.ecg_gain * (1.0 + np.abs(taps).sum()) + 1e-6
+  num_ecgs = 0
+  for key, enc in at_100.items():
+    old = at_500[key]
+    assert enc.parts.keys() == old.parts.keys() and enc.extras == old.extras
+    if enc.has("cxr"):
+      assert enc.part("cxr").data == old.part("cxr").data
+    if not enc.has("ecg"):
+      continue
+    num_ecgs += 1
+    ecg, old_ecg = enc.part("ecg").data, old.part("ecg").data
+    assert ecg.sampling_rate == 100 and ecg.samples.shape == (1000, 12) and old_ecg.sampling_rate == 500
+    assert enc.part("ecg").report == old.part("ecg").report
+    x, x_old = (codec.preprocess(e, spec, None, key) for e in (ecg, old_ecg))
+    assert x.shape == x_old.shape == (spec.num_samples, 12)
+    np.testing.assert_array_less(np.abs(x - x_old), bound)
+    # Training augmentation draws the same crop, gain and noise from the same RNG: equal up to the gain (<= 1.1).
+    x, x_old = (codec.preprocess(e, spec, np.random.default_rng(7), key) for e in (ecg, old_ecg))
+    np.testing.assert_array_less(np.abs(x - x_old), (1 + spec.amplitude_jitter) * bound)
+  assert num_ecgs >= 5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
