@@ -60,8 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                               num_samples=ecg_samples, scale_mv=1.0,
                                               amplitude_jitter=0.1, noise_mv=0.02))
   c.data.text_max_length = 128  # whole reports: 39% of the synthetic CXR reports run past 64 tokens
-  # The synthetic world is generated into data.dir when its parameters differ from what is there.
-  c.data.synthetic = ml_collections.ConfigDict(dict(seed=0, workers=2)) if not arg.paper else None
+  # The synthetic world is generated into data.dir when its parameters differ from what is there. Its ECGs are
+  # stored at the training rate (a reference: follows data.ecg.sampling_rate), so no read has to resample them.
+  c.data.synthetic = ml_collections.ConfigDict(dict(
+      seed=0, workers=2, ecg_store_rate=c.data.ecg.get_ref("sampling_rate").to_int())) if not arg.paper else None
 
   # ---- Model --------------------------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -102,8 +104,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # reports as extra positives; "sigmoid": the same pairs with SigLIP's pairwise sigmoid loss and a learnable
   # bias; "pair": two modalities of linked records), weight, and optionally `logit_scale`
   # (a temperature name edges can share; default the edge's own) and, for pair edges, `negatives` ("linked":
-  # only linked rows are columns; "all": every row of the batch). The weight of cxr_ecg is MEDBind's lambda
-  # (0: the paper's "unbound" ablation).
+  # only linked rows are columns; "all": every row of the batch), and `chunk` (0: whole logits; > 0: logits formed
+  # that many columns at a time, for batches whose [rows, B] logits do not fit; same loss and gradients). The
+  # weight of cxr_ecg is MEDBind's lambda (0: the paper's "unbound" ablation).
   c.loss = ml_collections.ConfigDict()
   # The contrastive matmuls run at full float32 precision ("highest"; scales up to 100 amplify bf16/TF32
   # rounding on accelerators); "default" leaves it to the platform.
@@ -114,10 +117,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       cxr_ecg=dict(modalities=("cxr", "ecg"), kind="pair", weight=arg.emcl_weight, negatives="linked"),
   ))
 
+  # ---- Devices ------------------------------------------------------------------------------------------------
+  # Mesh data x fsdp over every device (data=-1: what fsdp leaves). Batch rows are split over both axes;
+  # parameters and optimiser state over fsdp: the largest dimension fsdp divides of every parameter with at least
+  # fsdp_min_size elements, unless param_rules ((regex over parameter paths, one mesh axis or None per dimension),
+  # first match wins) say otherwise. fsdp=1: data parallel, parameters replicated.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=1 << 14, param_rules=()))
+
   # ---- Optimiser ----------------------------------------------------------------------------------------------
+  # microbatches = k > 1: the gradient of the whole contrastive batch, computed k micro-batches at a time
+  # (embeddings first, then each micro-batch's towers again; medbind_jax/steps.py): exact, for batches whose
+  # activations do not fit at once, at about 4/3 the step time.
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4 if arg.paper else 2e-3, warmup_steps=1000 if arg.paper else 50, b1=0.9, b2=0.98,
-      eps=1e-6, weight_decay=0.05, grad_clip_norm=1.0,
+      eps=1e-6, weight_decay=0.05, grad_clip_norm=1.0, microbatches=1,
       # (regex over '/'-joined parameter paths, learning-rate multiplier or None = frozen); first match wins.
       param_groups=((r"^towers/text/embeddings/", 0.1),) if arg.paper else ()))
 

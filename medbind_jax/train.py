@@ -25,9 +25,9 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from medbind_jax import evaluators, losses, metric_writer, optim, runs
+from medbind_jax import evaluators, losses, metric_writer, optim, runs, sharding, steps
 from medbind_jax.data import codecs, pipeline
 from medbind_jax.data import text as text_lib
 from medbind_jax.evaluators import common, retrieval
@@ -35,7 +35,6 @@ from medbind_jax.model import MedBind, build_model
 
 log = logging.getLogger(__name__)
 
-DATA_AXIS = "data"
 
 
 @flax.struct.dataclass
@@ -105,8 +104,10 @@ def cache_dir(config, workdir: str) -> str:
 
 
 def local_copy(tree):
-  """A replicated global pytree as arrays on this process's first device (evaluation runs per process)."""
-  return jax.tree.map(lambda a: a.addressable_data(0), tree)
+  """A global pytree (replicated or sharded over fsdp) as whole arrays on this process's first device
+  (evaluation runs per process)."""
+  whole = jax.jit(lambda t: t, out_shardings=NamedSharding(jax.tree.leaves(tree)[0].sharding.mesh, P()))(tree)
+  return jax.tree.map(lambda a: a.addressable_data(0), whole)
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
@@ -161,13 +162,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   rng = jax.random.key(config.seed)
 
   # ---- Mesh ------------------------------------------------------------------------------------------------------
-  # One data-parallel axis over every device of every process; parameters are replicated.
-  mesh = jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
-  data_sharding = NamedSharding(mesh, P(DATA_AXIS))
+  # data x fsdp over every device of every process (config.mesh): batch rows split over both axes, parameters and
+  # optimiser state over fsdp (replicated when fsdp = 1).
+  mesh = sharding.make_mesh(config.get("mesh", {}))
+  data_sharding = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
   n, m = config.data.batch_size, config.data.linked_per_batch
   if n % jax.device_count():
     raise ValueError(f"data.batch_size={n} must be divisible by the number of devices ({jax.device_count()})")
+  microbatches = int(config.optim.get("microbatches", 1))
+  if microbatches < 1 or (n // jax.device_count()) % microbatches:
+    raise ValueError(f"optim.microbatches={microbatches} must divide the {n // jax.device_count()} rows per device "
+                     f"(data.batch_size={n} over {jax.device_count()} devices)")
 
   # ---- Input -----------------------------------------------------------------------------------------------------
   # The loss edges decide what a batch holds: rows of every modality they use, the reports of the tmcl edges'
@@ -177,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   data_dir = prepare_data(config)
   train_index = pipeline.index_split(data_dir, config.data.train_split, skip_corrupt=config.data.skip_corrupt,
                                      progress=is_main)
-  batch_spec = pipeline.BatchSpec(n, m, jax.process_index(), jax.process_count())
+  batch_spec = pipeline.BatchSpec(n, m, jax.process_index(), jax.process_count(), shards=jax.local_device_count())
 
   # ---- Model -----------------------------------------------------------------------------------------------------
   model, pretrained = build_model(config)
@@ -203,7 +209,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ---- Optimiser and state ---------------------------------------------------------------------------------------
   tx, schedule = optim.make_optimizer(config, params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  state = jax.device_put(state, replicated)
+  param_shardings = sharding.param_shardings(params, mesh, config.get("mesh", {}))
+  state_shardings = TrainState(step=replicated, params=param_shardings,
+                               opt_state=sharding.like_params(state.opt_state, params, param_shardings, mesh))
+  state = jax.device_put(state, state_shardings)
   text_table = jax.device_put(jnp.asarray(text_table), replicated)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   log.info("trainable parameters: %.2fM", num_params / 1e6)
@@ -230,34 +239,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start_step = int(state.step)
 
   # ---- Update step -----------------------------------------------------------------------------------------------
-  objective = losses.sharded_objective(mesh, edges, DATA_AXIS, precision=config.loss.get("precision", "highest"))
+  # Pair edges score only each device's static prefix of linked rows.
+  objective = losses.sharded_objective(mesh, edges, sharding.BATCH_AXES,
+                                       precision=config.loss.get("precision", "highest"),
+                                       linked_rows=batch_spec.linked_rows_per_shard)
 
   def train_step(state: TrainState, batch: dict, text_table: jax.Array):
     step_rng = jax.random.fold_in(rng, state.step)
-
-    def loss_fn(params):
-      variables = {"params": params}
-
-      def embed(modality, inputs, salt):
-        return model.apply(variables, modality, inputs, True, method=MedBind.embed,
-                           rngs={"dropout": jax.random.fold_in(step_rng, salt)})
-
-      emb = {"inputs": {mod: embed(mod, batch["inputs"][mod], k) for k, mod in enumerate(layout.modalities)}}
-      # One pass of the text tower (or one table lookup) over the reports of every tmcl modality.
-      reports = [batch["reports"][mod] for mod in layout.report_modalities]
-      if not reports:
-        text_emb = []
-      elif text_mode == "cached":
-        text_feats = text_table[jnp.concatenate([r["row"] for r in reports])]
-        text_emb = model.apply(variables, codecs.TEXT, text_feats, method=MedBind.project)
-      else:
-        text_emb = embed(codecs.TEXT, jax.tree.map(lambda *a: jnp.concatenate(a), *reports), len(layout.modalities))
-      emb["reports"] = dict(zip(layout.report_modalities, jnp.split(text_emb, len(reports)) if reports else []))
-      scales = model.apply(variables, method=MedBind.logit_scales)
-      loss, parts = objective(emb, {k: batch[k] for k in ("text_key", "pair_mask", "index")}, scales)
-      return loss, (parts, scales)
-
-    (loss, (parts, scales)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, parts, scales), grads = steps.loss_and_grads(
+        model, layout, text_mode, objective, state.params, batch, text_table, step_rng, microbatches=microbatches,
+        shards=jax.device_count(), constrain=lambda x: jax.lax.with_sharding_constraint(x, data_sharding))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The norms of the gradient and of the updated parameters: a finite loss can still come with an overflowing
@@ -268,8 +259,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   for name, s in scales.items()}}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  train_step = jax.jit(train_step, in_shardings=(replicated, data_sharding, replicated),
-                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+  train_step = jax.jit(train_step, in_shardings=(state_shardings, data_sharding, replicated),
+                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
   def put(local_batch):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(data_sharding, x), local_batch)
