@@ -28,6 +28,10 @@ chunked pair edge does 4 matmuls where `losses.pair_sum` does 6.
 Under `shard_map` the column log-sum-exp over all N rows of every device is combined once, after the scan, from the
 per-device column log-sum-exps ([N] vectors: a stop-gradient pmax and a psum, as in `losses.tmcl_sum`), rather than
 once per chunk; the result is the same, with one pair of small collectives instead of N / chunk.
+
+With chunk = 0 (one block, no scan) the same custom VJP is also the fastest whole-logits form (no [b, N] masks,
+4 matmuls for a pair edge): `losses.objective` runs tmcl edges and 'linked' pair edges through it whatever their
+chunk, and keeps `losses.tmcl_sum` / `pair_sum`, plain autodiff of the definitions, as the reference they equal.
 """
 
 from __future__ import annotations
@@ -42,10 +46,10 @@ from medbind_jax.losses import PAIR_NEGATIVES, _gather, _pmax, _psum
 
 
 def _num_chunks(n: int, chunk: int, what: str) -> int:
-  """How many column blocks of `chunk` the N = `n` gathered columns split into; chunk >= N is one block."""
-  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
-    raise ValueError(f"{what}: chunk must be a positive int, got {chunk!r}")
-  if chunk >= n:
+  """How many column blocks of `chunk` the N = `n` gathered columns split into; chunk = 0 or >= N is one block."""
+  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+    raise ValueError(f"{what}: chunk must be a non-negative int (0: one block), got {chunk!r}")
+  if chunk == 0 or chunk >= n:
     return 1
   if n % chunk:
     raise ValueError(f"{what}: chunk={chunk} does not divide the global column count N={n} (the batch gathered "

@@ -11,6 +11,7 @@ from jax.sharding import AxisType
 
 from medbind_jax import losses
 from medbind_jax.data import pipeline
+from test_chunked_losses import _dot_precisions
 
 
 def _np_log_softmax(x):
@@ -256,12 +257,14 @@ def test_the_contrastive_matmuls_run_at_the_configured_precision():
   edges = _edges() + (losses.Edge("ecg_sigmoid", ("ecg", "text"), "sigmoid"),)
   scales = {**scales, "ecg_sigmoid": np.float32(3.0), losses.bias_name(edges[-1]): np.float32(-1.0)}
 
-  def dots(**kwargs):
-    jaxpr = jax.make_jaxpr(lambda e: losses.objective(e, batch, scales, edges, **kwargs)[0])(emb)
-    return [str(eqn.params["precision"]) for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
+  def dots(**kwargs):  # forward and backward, inside the custom VJPs too
+    return _dot_precisions(jax.make_jaxpr(jax.grad(
+        lambda e: losses.objective(e, batch, scales, edges, **kwargs)[0]))(emb).jaxpr)
 
   highest = dots()
-  assert len(highest) == 5  # tmcl x2 (one each), pair x2, sigmoid x1
+  # tmcl x2 and pair: one logits matmul forward, its recomputation and two gradient matmuls backward (custom
+  # VJP); sigmoid: one forward, two backward (autodiff)
+  assert len(highest) == 3 * 4 + 3, highest
   assert all("HIGHEST" in p for p in highest), highest
   assert all("HIGHEST" not in p for p in dots(precision=None)), dots(precision=None)
   assert all("HIGH" in p and "HIGHEST" not in p for p in dots(precision="tensorfloat32"))
