@@ -1,9 +1,9 @@
 """Trains MEDBind (TMCL + EMCL) and evaluates it (retrieval, zero-shot, few-shot, cross-modal), from one
 ml_collections config.
 
-Reads top to bottom: Mesh -> Input -> Model -> Optimiser and state -> Checkpoint and resume -> Update step ->
-Evals -> Loop -> Final evaluation. `train_and_evaluate(config, workdir)` is what `main.py`, Colab and the tests
-call; `evaluate_checkpoint(config, workdir)` is `main.py --mode=eval`.
+Reads top to bottom: Mesh -> Input -> Model -> Optimiser, state and update step (`build_train_step`) ->
+Checkpoint and resume -> Evals -> Loop -> Final evaluation. `train_and_evaluate(config, workdir)` is what
+`main.py`, Colab and the tests call; `evaluate_checkpoint(config, workdir)` is `main.py --mode=eval`.
 """
 
 from __future__ import annotations
@@ -134,6 +134,45 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+def build_train_step(config, model: MedBind, layout: pipeline.Layout, text_mode: str, params, mesh,
+                     batch_spec: pipeline.BatchSpec, rng: jax.Array):
+  """(initial TrainState on the mesh, jitted update step (state, batch, text_table) -> (state, metrics)).
+
+  Parameters and optimiser state are sharded by `config.mesh` (sharding.py), the batch over every device; the
+  step's gradient is `steps.loss_and_grads` (exact over `optim.microbatches`), dropout keys fold the step into
+  `rng`. The state argument is donated."""
+  data_sharding, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
+  tx, schedule = optim.make_optimizer(config, params)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  param_shardings = sharding.param_shardings(params, mesh, config.get("mesh", {}))
+  state_shardings = TrainState(step=replicated, params=param_shardings,
+                               opt_state=sharding.like_params(state.opt_state, params, param_shardings, mesh))
+  # Pair edges score only each device's static prefix of linked rows.
+  objective = losses.sharded_objective(mesh, runs.edges(config), sharding.BATCH_AXES,
+                                       precision=config.loss.get("precision", "highest"),
+                                       linked_rows=batch_spec.linked_rows_per_shard)
+  microbatches = int(config.optim.get("microbatches", 1))
+
+  def train_step(state: TrainState, batch: dict, text_table: jax.Array):
+    step_rng = jax.random.fold_in(rng, state.step)
+    (loss, parts, scales), grads = steps.loss_and_grads(
+        model, layout, text_mode, objective, state.params, batch, text_table, step_rng, microbatches=microbatches,
+        shards=mesh.size, constrain=lambda x: jax.lax.with_sharding_constraint(x, data_sharding))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # The norms of the gradient and of the updated parameters: a finite loss can still come with an overflowing
+    # gradient or parameters (|x| ~ 1e19 and up overflow a float32 norm), which must not be checkpointed.
+    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
+               "learning_rate": schedule(state.step),
+               **{(f"logit_{name}" if name.startswith("bias/") else f"logit_scale/{name}"): s
+                  for name, s in scales.items()}}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  step = jax.jit(train_step, in_shardings=(state_shardings, data_sharding, replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  return jax.device_put(state, state_shardings), step
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The recipe
 # ------------------------------------------------------------------------------------------------------------------
@@ -206,13 +245,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                    seed=config.seed, augment=config.data.augment)
   train_iter = pipeline.train_iterator(dataset, num_threads=config.data.num_threads, prefetch=config.data.prefetch)
 
-  # ---- Optimiser and state ---------------------------------------------------------------------------------------
-  tx, schedule = optim.make_optimizer(config, params)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  param_shardings = sharding.param_shardings(params, mesh, config.get("mesh", {}))
-  state_shardings = TrainState(step=replicated, params=param_shardings,
-                               opt_state=sharding.like_params(state.opt_state, params, param_shardings, mesh))
-  state = jax.device_put(state, state_shardings)
+  # ---- Optimiser, state and update step --------------------------------------------------------------------------
+  state, train_step = build_train_step(config, model, layout, text_mode, params, mesh, batch_spec, rng)
   text_table = jax.device_put(jnp.asarray(text_table), replicated)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   log.info("trainable parameters: %.2fM", num_params / 1e6)
@@ -237,30 +271,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.truncate_after(int(state.step))
     log.info("resumed from step %d of %s", int(state.step), restore_from.directory)
   start_step = int(state.step)
-
-  # ---- Update step -----------------------------------------------------------------------------------------------
-  # Pair edges score only each device's static prefix of linked rows.
-  objective = losses.sharded_objective(mesh, edges, sharding.BATCH_AXES,
-                                       precision=config.loss.get("precision", "highest"),
-                                       linked_rows=batch_spec.linked_rows_per_shard)
-
-  def train_step(state: TrainState, batch: dict, text_table: jax.Array):
-    step_rng = jax.random.fold_in(rng, state.step)
-    (loss, parts, scales), grads = steps.loss_and_grads(
-        model, layout, text_mode, objective, state.params, batch, text_table, step_rng, microbatches=microbatches,
-        shards=jax.device_count(), constrain=lambda x: jax.lax.with_sharding_constraint(x, data_sharding))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # The norms of the gradient and of the updated parameters: a finite loss can still come with an overflowing
-    # gradient or parameters (|x| ~ 1e19 and up overflow a float32 norm), which must not be checkpointed.
-    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
-               "learning_rate": schedule(state.step),
-               **{(f"logit_{name}" if name.startswith("bias/") else f"logit_scale/{name}"): s
-                  for name, s in scales.items()}}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  train_step = jax.jit(train_step, in_shardings=(state_shardings, data_sharding, replicated),
-                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
   def put(local_batch):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(data_sharding, x), local_batch)
