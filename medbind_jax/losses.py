@@ -173,6 +173,11 @@ def sigmoid_sum(mod_emb: jax.Array, text_emb: jax.Array, text_key: jax.Array, sc
   return jax.nn.softplus(-sign * logits).sum(), jnp.asarray(all_key.shape[0], jnp.float32)
 
 
+def _linked_prefix(rows: int, *arrays):
+  """The first `rows` rows of each array (None stays None): a device's static prefix of linked rows."""
+  return tuple(None if x is None else x[:rows] for x in arrays)
+
+
 def pair_sum(a_emb: jax.Array, b_emb: jax.Array, linked: jax.Array, scale: jax.Array,
              negatives: str = "linked", axis_name: str | None = None, a_ids: jax.Array | None = None,
              b_ids: jax.Array | None = None, rows: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -191,8 +196,7 @@ def pair_sum(a_emb: jax.Array, b_emb: jax.Array, linked: jax.Array, scale: jax.A
   if rows == 0:  # no row can be linked (linked_per_batch = 0)
     return jnp.zeros((), jnp.float32), _psum(linked.sum().astype(jnp.float32), axis_name)
   if rows is not None and negatives == "linked":  # every column that can be a negative sits in a prefix
-    a_emb, b_emb, linked = a_emb[:rows], b_emb[:rows], linked[:rows]
-    a_ids, b_ids = (None if x is None else x[:rows] for x in (a_ids, b_ids))
+    a_emb, b_emb, linked, a_ids, b_ids = _linked_prefix(rows, a_emb, b_emb, linked, a_ids, b_ids)
     rows = None
   all_a, all_b, all_linked = (_gather(x, axis_name) for x in (a_emb, b_emb, linked))
   b, n = linked.shape[0], all_linked.shape[0]
@@ -230,8 +234,7 @@ def _pair_edge_sum(a_emb, b_emb, linked, scale, negatives, axis_name, a_ids, b_i
   if rows == 0 or (rows is not None and negatives == "all" and not chunk):
     return pair_sum(a_emb, b_emb, linked, scale, negatives, axis_name, a_ids, b_ids, rows=rows)
   if rows is not None and negatives == "linked":
-    a_emb, b_emb, linked = a_emb[:rows], b_emb[:rows], linked[:rows]
-    a_ids, b_ids = (None if x is None else x[:rows] for x in (a_ids, b_ids))
+    a_emb, b_emb, linked, a_ids, b_ids = _linked_prefix(rows, a_emb, b_emb, linked, a_ids, b_ids)
   return chunked_losses.chunked_pair_sum(a_emb, b_emb, linked, scale, negatives, axis_name, a_ids, b_ids,
                                          chunk=chunk)
 

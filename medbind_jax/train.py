@@ -106,7 +106,7 @@ def cache_dir(config, workdir: str) -> str:
 def local_copy(tree):
   """A global pytree (replicated or sharded over fsdp) as whole arrays on this process's first device
   (evaluation runs per process)."""
-  whole = jax.jit(lambda t: t, out_shardings=NamedSharding(jax.tree.leaves(tree)[0].sharding.mesh, P()))(tree)
+  whole = jax.device_put(tree, NamedSharding(jax.tree.leaves(tree)[0].sharding.mesh, P()))  # gathers fsdp shards
   return jax.tree.map(lambda a: a.addressable_data(0), whole)
 
 
