@@ -161,8 +161,8 @@ class SwinEncoder(nn.Module):
     _, height, width, _ = images.shape
     p = self.patch_size
     images = jnp.pad(images, ((0, 0), (0, -height % p), (0, -width % p), (0, 0)))
-    x = nn.Conv(self.embed_dim, (p, p), strides=p, padding="VALID", dtype=self.dtype,
-                param_dtype=self.param_dtype, kernel_init=layers.DEFAULT_KERNEL_INIT, name="patch_embed")(images)
+    x = layers.PatchEmbed(self.embed_dim, p, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="patch_embed")(images)
     x = layers.layer_norm(1e-5, self.dtype, self.param_dtype, name="patch_norm")(x)
     if self.use_absolute_embeddings:
       stored_grid = tuple(s // p for s in layers.as_pair(self.image_size))

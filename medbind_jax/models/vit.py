@@ -76,12 +76,12 @@ class ViTEncoder(nn.Module):
         raise ValueError(f"patch_size={self.patch_size} is not divisible by 2**{len(self.stem_channels)} "
                          "(one stride-2 conv per stem_channels entry)")
       patch //= 2
-      images = nn.Conv(channels, (3, 3), strides=2, padding=((1, 1), (1, 1)), dtype=self.dtype,
-                       param_dtype=self.param_dtype, kernel_init=layers.DEFAULT_KERNEL_INIT, name=f"stem_{i}")(images)
-      images = nn.gelu(layers.layer_norm(1e-6, self.dtype, self.param_dtype, name=f"stem_norm_{i}")(images))
-    patches = nn.Conv(self.hidden_size, (patch, patch), strides=patch,
-                      padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernel_init=layers.DEFAULT_KERNEL_INIT, name="patch_embed")(images)
+      images = layers.Conv(channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                           param_dtype=self.param_dtype, name=f"stem_{i}")(images)
+      norm = layers.layer_norm(1e-6, self.dtype, self.param_dtype, name=f"stem_norm_{i}")
+      images = layers.gelu_tanh(norm(images))  # nn.gelu's function
+    patches = layers.PatchEmbed(self.hidden_size, patch, dtype=self.dtype, param_dtype=self.param_dtype,
+                                name="patch_embed")(images)
     grid = patches.shape[1:3]
     tokens = patches.reshape(batch, grid[0] * grid[1], self.hidden_size)
 
