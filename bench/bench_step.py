@@ -3,6 +3,7 @@ the trainer's own loop, and the input pipeline alone.
 
   python -m bench.bench_step
   python -m bench.bench_step --config-arg batch_size=64 --loop-steps 40
+  python -m bench.bench_step --set data.num_threads=1
 
 1. Model-only step: the trainer's own update step (`train.build_train_step`: towers, heads, loss, gradient, AdamW
    update, the logged norms; mesh, shardings and buffer donation as in training) on one fixed device-resident
@@ -56,6 +57,14 @@ def make_config(args) -> ml_collections.ConfigDict:
   config = medbind.get_config(",".join(args.config_arg) or None)
   config.data.dir = args.data_dir
   config.cache_dir = args.cache_dir or args.data_dir.rstrip("/") + "_cache"
+  for item in args.set:  # dotted.path=value, the value parsed as the field's current type
+    key, value = item.split("=", 1)
+    *parents, leaf = key.split(".")
+    target = config
+    for name in parents:
+      target = target[name]
+    current = target[leaf]
+    target[leaf] = (value.lower() in ("1", "true", "yes")) if isinstance(current, bool) else type(current)(value)
   return config
 
 
@@ -128,6 +137,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config-arg", action="append", default=[],
                       help="an argument of configs/medbind.get_config, e.g. batch_size=64 (repeatable)")
+  parser.add_argument("--set", action="append", default=[],
+                      help="a config field, e.g. data.num_threads=1 (repeatable)")
   parser.add_argument("--data-dir", default="/tmp/bench_world", help="synthetic world (generated on first use)")
   parser.add_argument("--cache-dir", default="", help="frozen text-trunk features (default: <data-dir>_cache)")
   parser.add_argument("--step-reps", type=int, default=10, help="timed model-only steps")

@@ -160,7 +160,11 @@ def preprocess_ecg(signal_mv: np.ndarray, sampling_rate: float, spec: EcgSpec, l
     x = x[start:start + spec.num_samples]
   else:
     x = np.pad(x, ((0, spec.num_samples - length), (0, 0)))
-  if rng is not None:
-    x = x * rng.uniform(1 - spec.amplitude_jitter, 1 + spec.amplitude_jitter)
-    x = x + rng.normal(0.0, spec.noise_mv, x.shape).astype(np.float32)
-  return (x / spec.scale_mv).astype(np.float32)
+  if rng is None:
+    return (x / spec.scale_mv).astype(np.float32)
+  # Gain and noise in float32 in one pass (drawing the noise in float64 and casting took two thirds of the time).
+  gain = rng.uniform(1 - spec.amplitude_jitter, 1 + spec.amplitude_jitter)
+  noise = rng.standard_normal(x.shape, dtype=np.float32)
+  noise *= np.float32(spec.noise_mv / spec.scale_mv)
+  noise += x * np.float32(gain / spec.scale_mv)
+  return noise
