@@ -293,6 +293,46 @@ def test_retrieval_on_identical_text_and_modality_embeddings_is_perfect():
       "cxr<->ecg: the split has no linked records with both"]
 
 
+def test_class_precision_counts_same_findings_in_the_top_k():
+  # Query 0's findings are shared by gallery items 0 and 2; query 1's by item 1 only.
+  same = np.array([[True, False, True, False], [False, True, False, False]])
+  scores = np.array([[0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.3, 0.4]])
+  got = retrieval.class_precision_at_k(scores, same, ks=(1, 2, 3, 10))
+  # Query 0 ranks 0, 1, 2, 3: hits 1, 1/2, 2/3, 2/4. Query 1 ranks 3, 2, 1, 0: hits 0, 0, 1/3, 1/4.
+  assert got == pytest.approx({1: 0.5, 2: 0.25, 3: 0.5, 10: 0.375})
+
+
+def test_oracle_recall_is_the_chance_level_within_the_findings_group():
+  # Query 0: 3 reports share its findings, 1 of them its own -> R@1 = 1/3, R@2 = 2/3, R@5 = 1. Query 1: alone in its
+  # group -> 1 at every K. Query 2: its own text also appears with other labels (not in `same`): still counted.
+  same = np.array([[1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 0]], bool)
+  correct = np.array([[1, 0, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]], bool)
+  got = retrieval.oracle_recall_at_k(same, correct, ks=(1, 2, 5))
+  assert got == pytest.approx({1: (1 / 3 + 1 + 1) / 3, 2: (2 / 3 + 1 + 1) / 3, 5: 1.0})
+
+
+def test_retrieval_reports_class_precision_and_the_oracle_when_labels_exist():
+  rng = np.random.default_rng(1)
+  n = 12
+  keys = np.stack([[i % 4, 0] for i in range(n)]).astype(np.int32)  # four reports, three records each
+  labels = np.array([[float(i % 2)] for i in range(n)])  # reports 0 and 2 state one finding set, 1 and 3 the other
+  report_vectors = {str(k): _unit(rng.normal(size=D)) for k in np.unique(keys, axis=0).tolist()}
+  emb = np.stack([report_vectors[str(k)] for k in keys.tolist()])
+  data = FakeData({"cxr": []}, {"cxr": emb}, {"cxr": labels}, [str(i) for i in range(n)], report_vectors,
+                  {"cxr": keys})
+  results = retrieval.RetrievalEvaluator(data, ["cxr"], [], ks=(1, 2)).run(None)
+  # Each image's own report ranks first (class P@1 = 1); the second is any other report (1 in 3 shares findings).
+  assert results["retrieval/cxr_to_text/class_P@1"] == 1.0
+  assert 0.5 <= results["retrieval/cxr_to_text/class_P@2"] <= 1.0
+  # Two reports per finding set: the oracle's exact R@1 is 1/2, R@2 is 1.
+  assert results["retrieval/cxr_to_text/oracle_R@1"] == pytest.approx(0.5)
+  assert results["retrieval/cxr_to_text/oracle_R@2"] == pytest.approx(1.0)
+  # text -> cxr: six records share each finding set, three of them carry the exact report: R@1 = 1/2.
+  assert results["retrieval/text_to_cxr/oracle_R@1"] == pytest.approx(0.5)
+  assert "retrieval/cxr_to_text/class_P@1" not in retrieval.RetrievalEvaluator(
+      data, ["cxr"], [], ks=(1,)).summary(results)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Protocol file, t-SNE, report
 # ---------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,15 @@ edge (MEDBind: CXR->text, ECG->text, text->CXR, text->ECG, CXR->ECG, ECG->CXR).
   alone are left out).
 
 Each R@K is reported next to the recall a random ranking would get (`chance@K`), and RSUM (percent).
+
+Exact-report retrieval has a ceiling below 100 where several reports state the same findings: a model that knew
+each image's findings exactly could still not tell those reports apart. So every modality<->text direction also
+reports, where the split has labels:
+
+- `class_P@K`: class-level precision@K, the fraction of the top K that state the query's findings (a hit is a
+  report, or a record, whose label vector equals the query's);
+- `oracle_R@K`: the exact-report R@K of an oracle that ranks by the true findings, every item with the query's
+  label vector first in random order (expected value: the chance level within that group).
 """
 
 from __future__ import annotations
@@ -48,8 +57,15 @@ class RetrievalEvaluator:
         continue
       _, keys, text_emb = self.data.reports(params, m)
       correct = common.same_key(emb[m].text_key, keys)  # [N, G]
-      recalls[f"{m}_to_text"] = self._direction(results, f"{m}_to_text", emb[m].emb @ text_emb.T, correct)
-      recalls[f"text_to_{m}"] = self._direction(results, f"text_to_{m}", text_emb @ emb[m].emb.T, correct.T)
+      scores = emb[m].emb @ text_emb.T
+      recalls[f"{m}_to_text"] = self._direction(results, f"{m}_to_text", scores, correct)
+      recalls[f"text_to_{m}"] = self._direction(results, f"text_to_{m}", scores.T, correct.T)
+      if emb[m].labels.shape[1]:  # findings known: class-level precision and the oracle's ceiling
+        labels = emb[m].labels
+        report_labels = labels[np.argmax(correct, axis=0)]  # [G, L]: each report's findings (a record of it)
+        same = np.all(labels[:, None, :] == report_labels[None, :, :], axis=-1)  # [N, G]
+        self._findings(results, f"{m}_to_text", scores, same, correct)
+        self._findings(results, f"text_to_{m}", scores.T, same.T, correct.T)
     for a, b in self.pairs:
       linked = self.index.linked_pool((a, b))
       if not len(linked):
@@ -77,6 +93,18 @@ class RetrievalEvaluator:
     lines = ["R@K in %, chance level in brackets.", "", format_table(results, self.prefix, self.ks)]
     if self.pairs:
       lines[0] += " Pair directions rank the linked partner among the split's linked records."
+    with_findings = sorted({k.split("/")[1] for k in results if k.startswith(self.prefix + "/") and "/oracle_R@" in k})
+    if with_findings:
+      lines += ["", "Against the findings: class-level precision@K (the top K's share of items stating the query's "
+                "findings) and the exact-report R@K of an oracle ranking by the true findings (the ceiling where "
+                "several reports state the same findings), in %:", "",
+                "| direction | " + " | ".join(f"class P@{k}" for k in self.ks) + " | "
+                + " | ".join(f"oracle R@{k}" for k in self.ks) + " |", "|---|" + "---:|" * (2 * len(self.ks))]
+      for d in with_findings:
+        base = f"{self.prefix}/{d}"
+        cells = [f"{100 * results[f'{base}/class_P@{k}']:.1f}" for k in self.ks]
+        cells += [f"{100 * results[f'{base}/oracle_R@{k}']:.1f}" for k in self.ks]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
     within = sorted({k.split("/")[1] for k in results if k.startswith("retrieval_within_findings/")})
     if within:
       lines += ["", "Linked pairs within same-findings galleries (what the signals share beyond their reports):",
@@ -99,6 +127,37 @@ class RetrievalEvaluator:
     results[f"{self.prefix}/{name}/num_queries"] = float(scores.shape[0])
     results[f"{self.prefix}/{name}/gallery_size"] = float(scores.shape[1])
     return recall
+
+
+  def _findings(self, results: dict, name: str, scores: np.ndarray, same: np.ndarray, correct: np.ndarray) -> None:
+    """class_P@K and oracle_R@K of one direction (see the module docstring); `same` [Q, G]: gallery item states
+    the query's findings; `correct` [Q, G]: exact matches (a subset of `same`)."""
+    base = f"{self.prefix}/{name}"
+    for k, value in class_precision_at_k(scores, same, self.ks).items():
+      results[f"{base}/class_P@{k}"] = value
+    for k, value in oracle_recall_at_k(same, correct, self.ks).items():
+      results[f"{base}/oracle_R@{k}"] = value
+
+
+def class_precision_at_k(scores: np.ndarray, relevant: np.ndarray, ks=(1, 5, 10)) -> dict[int, float]:
+  """Mean over queries of the fraction of the top K (K clamped to the gallery) that are `relevant` [Q, G]; ties
+  broken by gallery order (a stable sort of -scores)."""
+  order = np.argsort(-scores, axis=1, kind="stable")
+  hits = np.take_along_axis(relevant, order, axis=1)
+  return {k: float(hits[:, :min(k, hits.shape[1])].mean()) for k in ks}
+
+
+def oracle_recall_at_k(same: np.ndarray, correct: np.ndarray, ks=(1, 5, 10)) -> dict[int, float]:
+  """Expected R@K of a ranking that puts every gallery item of the query's findings (`same` [Q, G]) and its
+  `correct` ones first in random order: the chance level within that group, averaged over queries."""
+  same = same | correct  # one text with two label vectors (label extraction noise): its exact matches still count
+  group, num_correct = same.sum(1), correct.sum(1)
+  out = {k: 0.0 for k in ks}
+  for size in np.unique(group):  # chance_recall_at_k takes one gallery size
+    rows = group == size
+    for k, value in metrics.chance_recall_at_k(num_correct[rows], int(size), ks).items():
+      out[k] += value * rows.sum() / len(group)
+  return out
 
 
 def within_groups(scores: np.ndarray, partner_groups: np.ndarray, prefix: str) -> dict[str, float]:
