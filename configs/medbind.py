@@ -34,6 +34,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 50 if arg.paper else 10
   c.checkpoint_every = 1000 if arg.paper else 100
   c.keep_checkpoints = 3
+  # Write checkpoints in the background (orbax async): training goes on while the arrays are written. A run killed
+  # during a write resumes from the last complete checkpoint either way (orbax commits a step by renaming it).
+  c.checkpoint_async = arg.paper
   # Preemption-safe resume order: the workdir's own checkpoint, else `resume` (a checkpoint directory of
   # another run), else pretrained tower weights (model.*.init), else random init.
   c.resume = ""

@@ -34,6 +34,7 @@ import sys
 from typing import Sequence
 
 from data_prep import cli, cxr_io, runner, tables
+from medbind_jax import paths
 from medbind_jax.data import schema
 
 CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
@@ -61,11 +62,11 @@ class ChexpertTask:
 
 def resolve_image(src: str, path: str) -> str:
   """CheXpert's Path (release folder first) -> a file path under src (see the module docstring)."""
-  beside = os.path.join(os.path.dirname(os.path.abspath(src)), path)
-  if os.path.exists(beside):
+  beside = paths.join(os.path.dirname(paths.absolute(src).rstrip("/")), path)
+  if paths.exists(beside):
     return beside
   parts = path.replace("\\", "/").split("/")
-  return os.path.join(src, *parts[1:])
+  return paths.join(src, *parts[1:])
 
 
 def eligible_class(row: dict[str, str], frontal_only: bool) -> int | None:
@@ -91,10 +92,10 @@ def plan(src: str, *, csv_name: str = "train.csv", per_class: int = 200, seed: i
     if index is not None:
       by_class[index].append(row["Path"].strip())
   tasks, counts = [], {}
-  for index, paths in by_class.items():
-    paths.sort(key=lambda p: (hashlib.sha256(f"chexpert5x200/{seed}/{p}".encode("utf-8")).hexdigest(), p))
-    chosen = paths[:per_class]
-    counts[CLASSES[index]] = {"eligible": len(paths), "selected": len(chosen)}
+  for index, eligible in by_class.items():
+    eligible.sort(key=lambda p: (hashlib.sha256(f"chexpert5x200/{seed}/{p}".encode("utf-8")).hexdigest(), p))
+    chosen = eligible[:per_class]
+    counts[CLASSES[index]] = {"eligible": len(eligible), "selected": len(chosen)}
     for path in chosen:
       patient = next((p for p in path.split("/") if p.startswith("patient")), path)
       tasks.append(ChexpertTask(path, "test", patient, resolve_image(src, path), index))

@@ -88,7 +88,9 @@ def class_text(classes: Sequence[int]) -> str:
 
 def find_records(src: str) -> dict[str, tuple[str, str]]:
   """Record name -> (path without extension, "wfdb" or "mat") of every record under src: a .hea is a WFDB
-  record, a .mat without a .hea beside it an original-release record (first in sorted walk order)."""
+  record, a .mat without a .hea beside it an original-release record (first in sorted walk order). `src` is
+  local: the records are read by wfdb and scipy.io.loadmat from local files (output still goes anywhere,
+  `runner`)."""
   found: dict[str, tuple[str, str]] = {}
   for directory, dirs, files in os.walk(src):
     dirs.sort()

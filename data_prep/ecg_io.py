@@ -46,6 +46,8 @@ def read_wfdb(record_path: str) -> EcgSignal:
   Checks, each raising RecordError with the reason: header and signal files present; signal files as long as
   the header says (a truncated file); the header's per-signal checksums where it has them (damaged contents);
   physical units known. Samples wfdb marks invalid come back as NaN (see `prepare_ecg`).
+
+  Local files only (os, not `medbind_jax.paths`): wfdb opens the header and signal files by local path.
   """
   import wfdb  # pylint: disable=import-outside-toplevel  (heavy; only ECG converters need it)
 

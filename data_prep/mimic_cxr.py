@@ -30,12 +30,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 from typing import Sequence
 
 from data_prep import cli, cxr_io, report_text, runner, tables
 from data_prep.errors import RecordError
+from medbind_jax import paths
 from medbind_jax.data import schema
 
 CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
@@ -73,7 +73,7 @@ class CxrStudy:
 
 def subject_dir(root: str, subject_id: str) -> str:
   """root/files/pXX/pSUBJECT, the MIMIC folder of a subject."""
-  return os.path.join(root, "files", f"p{subject_id[:2]}", f"p{subject_id}")
+  return paths.join(root, "files", f"p{subject_id[:2]}", f"p{subject_id}")
 
 
 def study_time(study_date: str, study_time: str) -> float:
@@ -160,8 +160,8 @@ def plan_studies(src: str, reports: str | None = None, views: Sequence[str] = DE
       continue
     tasks.append(CxrStudy(
         record_id=record_id, split=split, subject_id=subject, study_id=study_id, dicom_id=row["dicom_id"],
-        image_path=os.path.join(subject_dir(src, subject), f"s{study_id}", row["dicom_id"] + ".jpg"),
-        report_path=os.path.join(subject_dir(reports, subject), f"s{study_id}.txt"),
+        image_path=paths.join(subject_dir(src, subject), f"s{study_id}", row["dicom_id"] + ".jpg"),
+        report_path=paths.join(subject_dir(reports, subject), f"s{study_id}.txt"),
         labels=tuple(p[0] for p in pairs), mentioned=tuple(p[1] for p in pairs),
         time=study_time(row["StudyDate"], row["StudyTime"])))
   return tasks, errors, excluded

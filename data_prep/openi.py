@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import xml.etree.ElementTree as ElementTree
 from typing import Sequence
 
 from data_prep import cli, cxr_io, report_text, runner, tables
 from data_prep.errors import RecordError
+from medbind_jax import paths
 from medbind_jax.data import schema
 
 SPEC = runner.DatasetSpec(
@@ -65,14 +65,14 @@ def _xml_text(root: ElementTree.Element, label: str) -> str:
 
 
 def plan_xml(src: str, images: str, split: str) -> tuple[list[OpeniTask], list, dict]:
-  report_dir = os.path.join(src, "ecgen-radiology")
+  report_dir = paths.join(src, "ecgen-radiology")
   tasks, errors, excluded = [], [], {"report without an image": 0}
-  for name in sorted(os.listdir(report_dir)):
+  for name in sorted(p.name for p in paths.as_path(report_dir).iterdir()):
     if not name.endswith(".xml"):
       continue
-    path = os.path.join(report_dir, name)
+    path = paths.join(report_dir, name)
     try:
-      root = ElementTree.parse(path).getroot()
+      root = ElementTree.fromstring(paths.read_bytes(path))
     except ElementTree.ParseError as err:
       errors.append((name[:-4], split, RecordError("unreadable report", f"{path}: {err}")))
       continue
@@ -82,7 +82,7 @@ def plan_xml(src: str, images: str, split: str) -> tuple[list[OpeniTask], list, 
     if not image_ids:
       excluded["report without an image"] += 1
       continue
-    tasks.append(OpeniTask(record_id, split, os.path.join(images, image_ids[0] + ".png"),
+    tasks.append(OpeniTask(record_id, split, paths.join(images, image_ids[0] + ".png"),
                            _xml_text(root, "FINDINGS"), _xml_text(root, "IMPRESSION")))
   return tasks, errors, excluded
 
@@ -100,7 +100,7 @@ def plan_csv(src: str, images: str, split: str, all_views: bool) -> tuple[list[O
     if uid not in files:
       excluded["report without a selected image"] += 1
       continue
-    tasks.append(OpeniTask(uid, split, os.path.join(images, sorted(files[uid])[0]), row["findings"],
+    tasks.append(OpeniTask(uid, split, paths.join(images, sorted(files[uid])[0]), row["findings"],
                            row["impression"]))
   return tasks, [], excluded
 
@@ -116,11 +116,11 @@ def convert_record(task: OpeniTask, options: cli.Options) -> schema.Encounter:
 def convert(src: str, out: str, options: cli.Options, *, source_format: str = "auto",
             images: str | None = None, all_views: bool = False, split: str = "test") -> runner.Summary:
   if source_format == "auto":
-    source_format = "xml" if os.path.isdir(os.path.join(src, "ecgen-radiology")) else "csv"
+    source_format = "xml" if paths.as_path(paths.join(src, "ecgen-radiology")).is_dir() else "csv"
   if source_format == "xml":
-    tasks, errors, excluded = plan_xml(src, images or os.path.join(src, "NLMCXR_png"), split)
+    tasks, errors, excluded = plan_xml(src, images or paths.join(src, "NLMCXR_png"), split)
   else:
-    tasks, errors, excluded = plan_csv(src, images or os.path.join(src, "images", "images_normalized"), split,
+    tasks, errors, excluded = plan_csv(src, images or paths.join(src, "images", "images_normalized"), split,
                                        all_views)
   if not tasks and not errors:
     raise ValueError(f"no reports with images found under {src} ({source_format} layout)")

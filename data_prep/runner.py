@@ -10,6 +10,8 @@ the exit code. The converters' helpers live beside it: `cli` (options and flags)
 Output of a run in `--out`:
 
   {split}.tfrecord-NNNNN-of-MMMMM   shards (`schema.shard_name`); a record's shard is fixed by the plan alone
+  {split}.index-NNNNN-of-MMMMM      each shard's index (`shard_index`: every record's position, ids and report
+                                    texts, so that training starts without reading the records), written with it
   dataset_info.json                 counts per split and modality, label names, provenance, options, error counts
   errors.jsonl                      one JSON object per failed record: {"record_id", "split", "kind", "reason"}
   convert_state.json                the resume manifest: the plan's fingerprint and each finished shard's
@@ -20,7 +22,13 @@ tasks, so the shard of a record depends only on the plan, never on worker timing
 shard one record shorter. Each shard is written to `name.tmp` and renamed when complete (`TFRecordWriter`), then
 recorded in `convert_state.json`. A re-run with the same plan and options keeps every shard whose final file
 exists with the size and record count the manifest lists, and redoes the rest (missing files, stray `.tmp`
-files, shards the manifest does not list): the output is byte-identical to an uninterrupted run.
+files, shards the manifest does not list): the output is byte-identical to an uninterrupted run. A kept shard
+whose index is missing or does not match it (e.g. converted before indexes existed) gets it re-made from the shard.
+
+`--out` may be a local directory or a URI (gs://bucket/..., s3://...): every output file is written through
+`medbind_jax.paths` (etils.epath). Of the source (`--src`), tables, images and report files are read through
+epath too (`tables`), so the CXR converters take a URI source; ECG records are read from local files, by wfdb
+(`ecg_io.read_wfdb`) and scipy.io.loadmat (`cpsc2018`), which take local paths only.
 """
 
 from __future__ import annotations
@@ -44,7 +52,8 @@ import tqdm
 from data_prep.cli import Options
 from data_prep.ecg_io import ECG_STORAGE
 from data_prep.errors import RecordError
-from medbind_jax.data import schema, tfrecord
+from medbind_jax import paths
+from medbind_jax.data import schema, shard_index, tfrecord
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +103,11 @@ def _fingerprint(spec: DatasetSpec, options: Options, params: Mapping[str, Any],
 
 
 def _write_json(path: str, value: Any) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  paths.write_text_atomic(path, json.dumps(value, indent=1, sort_keys=True))
 
 
 def _read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def _plan_shards(tasks: Sequence[Any], shard_size: int) -> dict[str, list[tuple[str, list[Any]]]]:
@@ -122,8 +128,8 @@ def _plan_shards(tasks: Sequence[Any], shard_size: int) -> dict[str, list[tuple[
 
 def _shard_is_finished(out_dir: str, file: str, entry: Mapping | None) -> bool:
   """The final file exists with the size and record count the manifest lists (frames indexed, not decoded)."""
-  path = os.path.join(out_dir, file)
-  if entry is None or not os.path.isfile(path) or os.path.getsize(path) != entry["bytes"]:
+  path = paths.join(out_dir, file)
+  if entry is None or not paths.is_file(path) or paths.file_size(path) != entry["bytes"]:
     return False
   try:
     scan = tfrecord.scan_tfrecord(path, verify_data=False)
@@ -132,26 +138,35 @@ def _shard_is_finished(out_dir: str, file: str, entry: Mapping | None) -> bool:
   return len(scan.frames) == entry["num_examples"]
 
 
+def _ensure_index(out_dir: str, file: str, entry: dict) -> None:
+  """Gives a kept shard its index (re-made from the shard when missing or not matching) and names it in `entry`."""
+  name = entry.get("index") or shard_index.index_name(file)
+  index, why = shard_index.load_index(paths.join(out_dir, file), paths.join(out_dir, name))
+  if index is None:
+    if why:
+      log.warning("%s; re-indexing from the shard", why)
+    shard_index.write_index(paths.join(out_dir, name), shard_index.build_index(paths.join(out_dir, file)))
+  entry["index"] = name
+
+
 def _remove_previous_output(out_dir: str, state: Mapping) -> None:
-  """Removes what a previous run listed (shards, their .tmp files, dataset_info, error log, manifest)."""
-  for file in state.get("shards", {}):
-    for path in (os.path.join(out_dir, file), os.path.join(out_dir, file + ".tmp")):
-      if os.path.exists(path):
-        os.remove(path)
+  """Removes what a previous run listed (shards, their .tmp files and indexes, dataset_info, error log, manifest)."""
+  for file, entry in state.get("shards", {}).items():
+    for path in (paths.join(out_dir, file), paths.join(out_dir, file + ".tmp")):
+      paths.remove(path)
+    shard_index.remove_index(out_dir, {**entry, "file": file})
   for name in (schema.DATASET_INFO, ERRORS_FILE, STATE_FILE):
-    path = os.path.join(out_dir, name)
-    if os.path.exists(path):
-      os.remove(path)
+    paths.remove(paths.join(out_dir, name))
 
 
 def _prepare_out_dir(out_dir: str, spec: DatasetSpec, fingerprint: str, options: Options) -> dict:
   """The resume manifest to continue from ({} for a fresh start); refuses to mix runs of different plans."""
-  os.makedirs(out_dir, exist_ok=True)
-  state_path = os.path.join(out_dir, STATE_FILE)
-  state = _read_json(state_path) if os.path.isfile(state_path) else None
+  paths.makedirs(out_dir)
+  state_path = paths.join(out_dir, STATE_FILE)
+  state = _read_json(state_path) if paths.is_file(state_path) else None
   if state is None:
-    info_path = os.path.join(out_dir, schema.DATASET_INFO)
-    if os.path.isfile(info_path) and _read_json(info_path).get("name") != spec.name and not options.overwrite:
+    info_path = paths.join(out_dir, schema.DATASET_INFO)
+    if paths.is_file(info_path) and _read_json(info_path).get("name") != spec.name and not options.overwrite:
       raise FileExistsError(f"{out_dir} holds another dataset ({_read_json(info_path).get('name')!r}); choose "
                             "another --out")
     return {"fingerprint": fingerprint, "dataset": spec.name, "shards": {}}
@@ -168,8 +183,9 @@ def _prepare_out_dir(out_dir: str, spec: DatasetSpec, fingerprint: str, options:
 
 def _convert_one(convert: Callable[[Any, Options], schema.Encounter], options: Options, modalities: Sequence[str],
                  task: Any) -> tuple[bool, Any, tuple]:
-  """(True, serialised record, (its modalities, linked)) or (False, (kind, reason), ()). Never raises for a bad
-  record: any exception becomes its reason, so one record cannot stop a run of hundreds of thousands."""
+  """(True, serialised record, (its modalities, linked, its shard-index entry)) or (False, (kind, reason), ()).
+  Never raises for a bad record: any exception becomes its reason, so one record cannot stop a run of hundreds of
+  thousands. The index entry is decoded from the serialised bytes here, in the worker, off the writer's path."""
   try:
     enc = convert(task, options)
     if enc.split != task.split:
@@ -177,7 +193,8 @@ def _convert_one(convert: Callable[[Any, Options], schema.Encounter], options: O
     if not set(enc.parts) <= set(modalities):
       raise RecordError("converter bug", f"record with modalities {sorted(enc.parts)}; the dataset declares "
                         f"{list(modalities)}")
-    return True, schema.encode_encounter(enc), (tuple(enc.parts), bool(enc.linked))
+    data = schema.encode_encounter(enc)
+    return True, data, (tuple(enc.parts), bool(enc.linked), shard_index.record_entry(data))
   except RecordError as err:
     return False, (err.kind, str(err)), ()
   except Exception as err:  # pylint: disable=broad-except
@@ -226,19 +243,19 @@ def run_conversion(spec: DatasetSpec, tasks: Sequence[Any], convert: Callable[[A
                              [(split, t.record_id) for split in schema.SPLITS for _, ts in plan[split] for t in ts]
                              + [("plan_error", e[0]) for e in plan_errors])
   state = _prepare_out_dir(out_dir, spec, fingerprint, options)
-  state_path = os.path.join(out_dir, STATE_FILE)
+  state_path = paths.join(out_dir, STATE_FILE)
 
   pending: list[tuple[str, list[Any]]] = []
   reused: list[str] = []
   for split in schema.SPLITS:
     for file, shard_tasks in plan[split]:
       if _shard_is_finished(out_dir, file, state["shards"].get(file)):
+        _ensure_index(out_dir, file, state["shards"][file])
         reused.append(file)
         continue
-      state["shards"].pop(file, None)
-      for path in (os.path.join(out_dir, file), os.path.join(out_dir, file + ".tmp")):
-        if os.path.exists(path):
-          os.remove(path)
+      shard_index.remove_index(out_dir, {**state["shards"].pop(file, {}), "file": file})
+      for path in (paths.join(out_dir, file), paths.join(out_dir, file + ".tmp")):
+        paths.remove(path)
       pending.append((file, shard_tasks))
   _write_json(state_path, state)
   num_tasks = sum(len(ts) for _, ts in pending)
@@ -252,7 +269,7 @@ def run_conversion(spec: DatasetSpec, tasks: Sequence[Any], convert: Callable[[A
     if shown[0] < _ERRORS_SHOWN:
       tqdm.tqdm.write(f"error: {record_id}: {reason}", file=sys.stderr)
     elif shown[0] == _ERRORS_SHOWN:
-      tqdm.tqdm.write(f"(further errors go to {os.path.join(out_dir, ERRORS_FILE)} only)", file=sys.stderr)
+      tqdm.tqdm.write(f"(further errors go to {paths.join(out_dir, ERRORS_FILE)} only)", file=sys.stderr)
     shown[0] += 1
     return {"record_id": record_id, "split": split, "kind": kind, "reason": reason}
 
@@ -264,16 +281,17 @@ def run_conversion(spec: DatasetSpec, tasks: Sequence[Any], convert: Callable[[A
     for file, shard_tasks in pending:
       stats = schema.ShardStats(file=file)
       shard_errors = []
-      with tfrecord.TFRecordWriter(os.path.join(out_dir, file)) as writer:
+      with shard_index.ShardWriter(paths.join(out_dir, file)) as writer:
         for task in shard_tasks:
           ok, payload, counted = next(results)
           if ok:
-            writer.write(payload)
+            writer.write(payload, counted[2])
             stats.add(types.SimpleNamespace(parts=counted[0], linked=counted[1]))  # all that ShardStats.add reads
           else:
             shard_errors.append(note_error(task.record_id, task.split, *payload))
           bar.update(1)
-      state["shards"][file] = {**stats.to_json(modalities), "bytes": os.path.getsize(os.path.join(out_dir, file)),
+      stats.index = writer.index_file
+      state["shards"][file] = {**stats.to_json(modalities), "bytes": paths.file_size(paths.join(out_dir, file)),
                                "errors": shard_errors}
       _write_json(state_path, state)
       bar.set_postfix(errors=shown[0])
@@ -287,11 +305,8 @@ def run_conversion(spec: DatasetSpec, tasks: Sequence[Any], convert: Callable[[A
       shards[split].append(schema.ShardStats.from_json(entry, modalities))
       errors.extend(entry["errors"])
   errors = [{key: error[key] for key in ("record_id", "split", "kind", "reason")} for error in errors]
-  errors_path = os.path.join(out_dir, ERRORS_FILE)
-  with open(errors_path + ".tmp", "w", encoding="utf-8") as f:
-    for error in errors:
-      f.write(json.dumps(error, ensure_ascii=False) + "\n")
-  os.replace(errors_path + ".tmp", errors_path)
+  paths.write_text_atomic(paths.join(out_dir, ERRORS_FILE),
+                          "".join(json.dumps(error, ensure_ascii=False) + "\n" for error in errors))
 
   num_planned = len(tasks) + len(plan_errors)
   error_rate = len(errors) / num_planned if num_planned else 0.0
@@ -331,7 +346,7 @@ def print_summary(summary: Summary) -> None:
   by_kind = info["errors"]["by_kind"]
   lines.append(f"  errors: {len(summary.errors)} ({summary.error_rate:.2%}, limit "
                f"{info['errors']['max_error_rate']:.2%})" + (f": {by_kind}" if by_kind else "")
-               + (f"; see {os.path.join(summary.out_dir, ERRORS_FILE)}" if summary.errors else ""))
+               + (f"; see {paths.join(summary.out_dir, ERRORS_FILE)}" if summary.errors else ""))
   if summary.exit_code:
     lines.append("  FAILED: the error rate exceeds --max-error-rate (the output is complete but check the log)")
   print("\n".join(lines), flush=True)

@@ -9,11 +9,12 @@ drives both renderers (`synthetic_phantoms`). Reports state only thresholded fin
 severity word), so a linked CXR and ECG share information (heart size, HF activity, habitus) that their texts do not.
 Labels are exactly what the reports state; `label_cxr_report` / `label_ecg_report` recover them from the text alone.
 
-Output: TFRecord shards in the project schema (`medbind_jax.data.schema`) plus `dataset_info.json`, split by patient,
-byte-identical for the same `WorldParams` whatever the number of worker processes: every patient draws from its own
-RNG seeded by (seed, patient index), and patients are assigned to shards by index. ECGs are synthesised at
-`ecg_sampling_rate` (500 Hz) and, with `ecg_store_rate`, resampled once here to the rate training reads them at, so
-the input pipeline need not resample every record on every read.
+Output: TFRecord shards in the project schema (`medbind_jax.data.schema`), each with its index
+(`medbind_jax.data.shard_index`), plus `dataset_info.json`, split by patient, byte-identical for the same
+`WorldParams` whatever the number of worker processes: every patient draws from its own RNG seeded by (seed, patient
+index), and patients are assigned to shards by index. ECGs are synthesised at `ecg_sampling_rate` (500 Hz) and, with
+`ecg_store_rate`, resampled once here to the rate training reads them at, so the input pipeline need not resample
+every record on every read.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from PIL import Image
 import tqdm
 
 from data_prep import synthetic_phantoms as phantoms
+from medbind_jax import paths
 from medbind_jax.data import codecs, preprocess, schema
-from medbind_jax.data.tfrecord import TFRecordWriter
+from medbind_jax.data.shard_index import ShardWriter, remove_index
 
 # Bump whenever the generator's output changes for the same parameters: it is part of the cache fingerprint.
 GENERATOR_VERSION = "1"
@@ -544,15 +546,16 @@ def _shard_tasks(params: WorldParams, out_dir: str) -> list[_ShardTask]:
 
 def _write_shard(task: _ShardTask, on_patient: Callable[[], None]) -> tuple[str, schema.ShardStats, int]:
   name = schema.shard_name(task.split, task.index, task.count)
-  path = os.path.join(task.out_dir, name)
+  path = paths.join(task.out_dir, name)
   stats = schema.ShardStats(file=name)
-  with TFRecordWriter(path) as writer:
+  with ShardWriter(path) as writer:  # the shard and its index (shard_index), so training starts without a scan
     for patient_index in task.patients:
       for enc in patient_encounters(task.params, patient_index):
         writer.write(schema.encode_encounter(enc))
         stats.add(enc)
       on_patient()
-  return task.split, stats, os.path.getsize(path)
+  stats.index = writer.index_file
+  return task.split, stats, paths.file_size(path)
 
 
 _worker_progress: multiprocessing.Queue | None = None
@@ -585,11 +588,10 @@ def _run_tasks(tasks: list[_ShardTask], workers: int, bar: tqdm.tqdm) -> list[tu
 
 def _check_owned(out_dir: str) -> dict | None:
   """The dataset_info in out_dir if it is a synthetic world's, None if absent; raises if it belongs to another."""
-  path = os.path.join(out_dir, schema.DATASET_INFO)
-  if not os.path.exists(path):
+  path = paths.join(out_dir, schema.DATASET_INFO)
+  if not paths.exists(path):
     return None
-  with open(path) as f:
-    info = json.load(f)
+  info = json.loads(paths.read_text(path))
   if info.get("name") != DATASET_NAME:
     raise ValueError(f"{out_dir} holds dataset {info.get('name')!r}, not a synthetic world; choose another "
                      "output directory")
@@ -597,13 +599,13 @@ def _check_owned(out_dir: str) -> dict | None:
 
 
 def _remove_world(out_dir: str, info: dict) -> None:
-  """Removes the dataset_info and the shards a previous world listed (nothing else)."""
-  os.remove(os.path.join(out_dir, schema.DATASET_INFO))
+  """Removes the dataset_info and the shards (and their indexes) a previous world listed (nothing else)."""
+  paths.remove(paths.join(out_dir, schema.DATASET_INFO), missing_ok=False)
   for split in info.get("splits", {}).values():
     for shard in split["shards"]:
-      for path in (os.path.join(out_dir, shard["file"]), os.path.join(out_dir, shard["file"] + ".tmp")):
-        if os.path.exists(path):
-          os.remove(path)
+      for path in (paths.join(out_dir, shard["file"]), paths.join(out_dir, shard["file"] + ".tmp")):
+        paths.remove(path)
+      remove_index(out_dir, shard)
 
 
 def generate_world(out_dir: str | os.PathLike, params: WorldParams = WorldParams(), *, workers: int | None = None,
@@ -611,9 +613,10 @@ def generate_world(out_dir: str | os.PathLike, params: WorldParams = WorldParams
   """Generates the world into `out_dir` (shards, then dataset_info.json last) and returns the dataset_info written.
 
   Work is split by shard over `workers` processes (default min(2, cpu count)); the bytes do not depend on it.
+  `out_dir` may be a URI (gs://...): every file goes through `medbind_jax.paths`, each worker writing its shards.
   """
   out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   old = _check_owned(out_dir)
   if old is not None:  # written last, so a world interrupted from here on has no info and is regenerated
     _remove_world(out_dir, old)
@@ -648,12 +651,12 @@ def ensure_world(out_dir: str | os.PathLike, params: WorldParams = WorldParams()
   """Returns the world in `out_dir` if it was generated with these params and is complete; otherwise (re)generates
   it (removing a stale world's shards first; other files are left alone). kwargs go to `generate_world`."""
   out_dir = os.fspath(out_dir)
-  info = _check_owned(out_dir) if os.path.isdir(out_dir) else None
+  info = _check_owned(out_dir) if paths.as_path(out_dir).is_dir() else None
   if info is not None:
     if info.get("fingerprint") == fingerprint(params):
       sizes = info.get("shard_bytes", {})
       missing = [f for f, size in sizes.items()
-                 if not os.path.isfile(os.path.join(out_dir, f)) or os.path.getsize(os.path.join(out_dir, f)) != size]
+                 if not paths.is_file(paths.join(out_dir, f)) or paths.file_size(paths.join(out_dir, f)) != size]
       if sizes and not missing:
         logging.info("reusing the synthetic world in %s (fingerprint %s)", out_dir, info["fingerprint"][:12])
         return info

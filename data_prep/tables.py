@@ -1,5 +1,8 @@
 """Source tables, paths and splits: `read_csv` (plain or gzipped CSV, all values as str), `find_file`,
-`hash_split`, `epoch_seconds`, `read_bytes`."""
+`hash_split`, `epoch_seconds`, `read_bytes`.
+
+Files are read through `medbind_jax.paths` (etils.epath), so tables, images and report files may lie under a URI
+(gs://...) as well as locally; WFDB records (`ecg_io`) are read by wfdb from local files only."""
 
 from __future__ import annotations
 
@@ -8,18 +11,19 @@ import csv
 import datetime
 import gzip
 import hashlib
+import io
 import math
-import os
 from typing import Sequence
 
 from data_prep.errors import RecordError
+from medbind_jax import paths
 
 
 def find_file(directory: str, name: str, *, required: bool = True) -> str | None:
   """`directory/name`, or `directory/name.gz` when only the gzipped copy is there."""
   for candidate in (name, name + ".gz") if not name.endswith(".gz") else (name, name[:-3]):
-    path = os.path.join(directory, candidate)
-    if os.path.isfile(path):
+    path = paths.join(directory, candidate)
+    if paths.is_file(path):
       return path
   if required:
     raise FileNotFoundError(f"{name} (or {name}.gz) not found in {directory}: is --src the dataset root as "
@@ -32,8 +36,9 @@ def read_csv(path: str, columns: Sequence[str] = ()) -> list[dict[str, str]]:
 
   Raises ValueError naming the file when one of `columns` is missing from its header.
   """
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt", encoding="utf-8", newline="") as f:
+  with paths.open_file(path, "rb") as raw, \
+      io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw, encoding="utf-8",
+                       newline="") as f:
     reader = csv.DictReader(f)
     missing = [c for c in columns if c not in (reader.fieldnames or ())]
     if missing:
@@ -62,8 +67,7 @@ def epoch_seconds(text: str, fmt: str = "%Y-%m-%d %H:%M:%S") -> float:
 def read_bytes(path: str, what: str) -> bytes:
   """The file's bytes; RecordError('missing {what} file ...') when it does not exist or cannot be read."""
   try:
-    with open(path, "rb") as f:
-      return f.read()
+    return paths.read_bytes(path)
   except FileNotFoundError as err:
     raise RecordError("missing file", f"{what} {path}") from err
   except OSError as err:

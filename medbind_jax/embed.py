@@ -22,14 +22,16 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import logging
-import os
+import struct
 import sys
 from typing import Sequence
 
 import numpy as np
 
+from medbind_jax import paths
 from medbind_jax.data import codecs
 from medbind_jax.data.preprocess import InputError
 
@@ -64,32 +66,39 @@ class Index:
 
 
 def save_index(path: str, index: Index) -> None:
-  """Writes `index` as .npz (string arrays, no pickle) or .safetensors (strings as JSON metadata)."""
+  """Writes `index` as .npz (string arrays, no pickle) or .safetensors (strings as JSON metadata), to a local path
+  or a URI (`paths.write_bytes_atomic`: the file is built in memory and written whole)."""
   strings = {field: np.asarray(getattr(index, field), str) for field in INDEX_FIELDS}
   embeddings = np.ascontiguousarray(index.embeddings, np.float32)
-  tmp = path + ".tmp"
   if path.endswith(".safetensors"):
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
     metadata = {field: json.dumps(values.tolist()) for field, values in strings.items()}
-    save_file({"embeddings": embeddings}, tmp, metadata={**metadata, "info": json.dumps(index.info)})
+    data = save({"embeddings": embeddings}, metadata={**metadata, "info": json.dumps(index.info)})
   else:
-    with open(tmp, "wb") as f:
-      np.savez(f, embeddings=embeddings, info=np.asarray(json.dumps(index.info)), **strings)
-  os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, embeddings=embeddings, info=np.asarray(json.dumps(index.info)), **strings)
+    data = buffer.getvalue()
+  paths.write_bytes_atomic(path, data)
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+  """The `__metadata__` of a safetensors file's bytes (8-byte little-endian header length, then a JSON header)."""
+  (length,) = struct.unpack("<Q", data[:8])
+  return json.loads(data[8:8 + length]).get("__metadata__", {})
 
 
 def load_index(path: str) -> Index:
-  if not os.path.isfile(path):
+  if not paths.is_file(path):
     raise FileNotFoundError(f"index {path} does not exist")
+  data = paths.read_bytes(path)
   if path.endswith(".safetensors"):
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-    with safe_open(path, framework="np") as f:
-      metadata = f.metadata()
-      embeddings = f.get_tensor("embeddings")
+    from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+    metadata = _safetensors_metadata(data)
+    embeddings = load(data)["embeddings"]
     strings = {field: np.asarray(json.loads(metadata[field]), str) for field in INDEX_FIELDS}
     info = json.loads(metadata["info"])
   else:
-    with np.load(path, allow_pickle=False) as f:
+    with np.load(io.BytesIO(data), allow_pickle=False) as f:
       embeddings = f["embeddings"]
       strings = {field: f[field] for field in INDEX_FIELDS}
       info = json.loads(str(f["info"]))
@@ -104,8 +113,9 @@ def load_index(path: str) -> Index:
 def read_texts(path: str, column: str | None) -> tuple[list[str], list[str]]:
   """(texts, where each comes from): one per row of a .csv/.tsv file's `column` (every row, empty cells
   included, so they are reported), else one per non-blank line."""
+  content = paths.read_bytes(path).decode("utf-8")  # newlines as stored: csv reads quoted ones itself
   if path.lower().endswith((".csv", ".tsv")):
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(content, newline="") as f:
       reader = csv.DictReader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",")
       columns = reader.fieldnames or []
       if column is None:
@@ -115,8 +125,7 @@ def read_texts(path: str, column: str | None) -> tuple[list[str], list[str]]:
       rows = list(reader)
     # Row numbers count the header as row 1, as a spreadsheet shows them.
     return [row[column] or "" for row in rows], [f"{path}:row {i + 2}" for i in range(len(rows))]
-  with open(path, encoding="utf-8") as f:
-    lines = [(i + 1, line.rstrip("\n")) for i, line in enumerate(f)]
+  lines = [(i + 1, line.rstrip("\n")) for i, line in enumerate(io.StringIO(content, newline=None))]
   kept = [(number, line) for number, line in lines if line.strip()]
   return [line for _, line in kept], [f"{path}:{number}" for number, _ in kept]
 
@@ -145,16 +154,16 @@ def run_index(args) -> int:
   jobs = []  # (modality, inputs, ids, sources, texts)
   for modality, folder in folders.items():
     codec = codecs.get(modality)
-    if not os.path.isdir(folder):
+    if not paths.as_path(folder).is_dir():
       raise InputError(f"--{modality} {folder}: not a directory")
-    paths = codec.find_inputs(folder)
-    if not paths:
+    found = codec.find_inputs(folder)
+    if not found:
       raise InputError(f"--{modality} {folder}: no {codec.inputs_help} found")
-    jobs.append((modality, paths, [codec.input_id(p, folder) for p in paths], paths, [""] * len(paths)))
+    jobs.append((modality, found, [codec.input_id(p, folder) for p in found], found, [""] * len(found)))
   if args.text:  # the texts of all files form one job, so a bad-input report covers all of them
     texts, where = [], []
     for path in args.text:
-      if not os.path.isfile(path):
+      if not paths.is_file(path):
         raise InputError(f"--text {path}: no such file")
       file_texts, file_where = read_texts(path, args.text_column)
       texts += file_texts
@@ -171,7 +180,7 @@ def run_index(args) -> int:
     parts["modality"].extend([modality] * len(kept))
   index = Index(embeddings=np.concatenate(parts["embeddings"]),
                 **{field: np.asarray(parts[field], str) for field in INDEX_FIELDS},
-                info={"workdir": os.path.abspath(args.workdir), "step": embedder.step,
+                info={"workdir": paths.absolute(args.workdir), "step": embedder.step,
                       "embed_dim": embedder.embed_dim})
   save_index(args.out, index)
   counts = ", ".join(f"{int(np.sum(index.modality == m))} {m}" for m in index_modalities() if np.any(index.modality == m))
@@ -200,9 +209,9 @@ def run_query(args) -> int:
   if index.info.get("embed_dim") != embedder.embed_dim:
     raise ValueError(f"{args.index} holds {index.info.get('embed_dim')}-d embeddings; the run in {args.workdir} "
                      f"makes {embedder.embed_dim}-d ones")
-  if (index.info.get("workdir"), index.info.get("step")) != (os.path.abspath(args.workdir), embedder.step):
+  if (index.info.get("workdir"), index.info.get("step")) != (paths.absolute(args.workdir), embedder.step):
     print(f"warning: {args.index} was made by step {index.info.get('step')} of {index.info.get('workdir')}; "
-          f"the query uses step {embedder.step} of {os.path.abspath(args.workdir)}", file=sys.stderr)
+          f"the query uses step {embedder.step} of {paths.absolute(args.workdir)}", file=sys.stderr)
   query_emb = embedder.embed(modality, [query], names=[f"--{modality} {query}"]).embeddings[0]
   present = [m for m in index_modalities() if np.any(index.modality == m)]
   targets = args.target or present

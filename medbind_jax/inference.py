@@ -106,8 +106,8 @@ class Embedder:
   @classmethod
   def load(cls, workdir: str, step: int | None = None, *, batch_size: int | None = None,
            num_threads: int = 4) -> Embedder:
-    """The model of the training run in `workdir` at checkpoint `step` (default: the latest). Runs written before
-    modalities were keyed load too (their parameters are migrated)."""
+    """The model of the training run in `workdir` (local or a URI, e.g. gs://...) at checkpoint `step` (default:
+    the latest). Runs written before modalities were keyed load too (their parameters are migrated)."""
     config, model, params, text_params, step = runs.load_trained(workdir, step)
     log.info("loaded step %d of %s", step, workdir)
     return cls(config, model, params, text_params=text_params, batch_size=batch_size, step=step,
@@ -121,14 +121,16 @@ class Embedder:
   # ---- Public API ------------------------------------------------------------------------------------------------
 
   def embed_cxr(self, images: Sequence, *, progress: bool = False) -> np.ndarray:
-    """Images -> float32 [N, d]. Each image: a PNG/JPEG path, encoded bytes, a PIL image, or an array [H, W] or
-    [H, W, C] (uint8, or float in [0, 1]). Raises BadInputs naming every bad image."""
+    """Images -> float32 [N, d]. Each image: a PNG/JPEG path (local or a URI, read through `medbind_jax.paths`),
+    encoded bytes, a PIL image, or an array [H, W] or [H, W, C] (uint8, or float in [0, 1]). Raises BadInputs
+    naming every bad image."""
     return self._all_or_raise("cxr", images, progress=progress)
 
   def embed_ecg(self, records: Sequence, sampling_rate: float | Sequence[float] | None = None,
                 leads: Sequence[str] | None = None, *, progress: bool = False) -> np.ndarray:
-    """ECGs -> float32 [N, d]. Each record: a WFDB record path (without extension; its header gives the rate
-    and lead names, `sampling_rate` and `leads` do not apply) or an array [T, num_leads] in millivolts.
+    """ECGs -> float32 [N, d]. Each record: a local WFDB record path (without extension; wfdb reads local files;
+    its header gives the rate and lead names, `sampling_rate` and `leads` do not apply) or an array
+    [T, num_leads] in millivolts.
 
     Arrays need `sampling_rate` (Hz; one for all, or one per record). `leads` names the array's columns (one
     list for all arrays); without it an array must have the 12 leads in the order of `schema.LEADS_12`.

@@ -13,10 +13,10 @@ resumes only from checkpoints in the current layout (`train.py` says so and how 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-import os
 import re
 from typing import Any, Mapping
 
@@ -25,7 +25,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from medbind_jax import paths
 from medbind_jax.data import codecs
 from medbind_jax.data import text as text_lib
 from medbind_jax.evaluators import common
@@ -182,18 +184,40 @@ def text_trunk_fn(model: MedBind):
 
 
 def make_embed_fns(model: MedBind, mode: str, text_params, tokenize: text_lib.Tokenize,
-                   batch_size: int) -> common.EmbedFns:
-  """Evaluation embedding functions of `params` (the trainable tree; the frozen text trunk params held here)."""
-  inputs = {m: jax.jit(lambda p, x, m=m: model.apply({"params": p}, m, x, method=MedBind.embed))
-            for m in model.modalities if m != codecs.TEXT}
+                   batch_size: int, mesh: Mesh | None = None) -> common.EmbedFns:
+  """Evaluation embedding functions of `params` (the trainable tree; the frozen text trunk params held here).
+
+  `mesh` None: single-device functions of host or single-device params. With a mesh (every device of every
+  process), the functions of `common.EmbedFns` with a mesh: params are global arrays (replicated or sharded as
+  training left them), batches are split over every device and the results replicated to every process."""
+  embed = lambda p, x, m: model.apply({"params": p}, m, x, method=MedBind.embed)
+  if mesh is None:
+    inputs = {m: jax.jit(functools.partial(embed, m=m)) for m in model.modalities if m != codecs.TEXT}
+  else:
+    replicated = NamedSharding(mesh, P())
+    inputs = {m: jax.jit(lambda p, x, *extras, m=m: (embed(p, x, m), *extras), out_shardings=replicated)
+              for m in model.modalities if m != codecs.TEXT}
+    if text_params is not None:
+      text_params = jax.device_put(text_params, replicated)
+  fns = common.EmbedFns(inputs=inputs, text=None, batch_size=batch_size, mesh=mesh)
+
+  def tokens(texts):
+    """Token arrays of `texts`; with a mesh, global arrays split over every device (each process holds them all)."""
+    toks = tokenize(texts)
+    if mesh is None:
+      return toks
+    rows = NamedSharding(mesh, P(mesh.axis_names))
+    return {k: jax.make_array_from_callback(v.shape, rows, lambda i, v=v: v[i]) for k, v in toks.items()}
+
+  out = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
   if mode == "cached":
     trunk = text_trunk_fn(model)
-    project = jax.jit(lambda p, f: model.apply({"params": p}, codecs.TEXT, f, method=MedBind.project))
-    embed_text = lambda p, texts: project(p, trunk(text_params, tokenize(texts)))
+    project = jax.jit(lambda p, f: model.apply({"params": p}, codecs.TEXT, f, method=MedBind.project), **out)
+    fns.text = lambda p, texts: project(p, trunk(text_params, tokens(texts)))
   else:
-    embed_tokens = jax.jit(lambda p, t: model.apply({"params": p}, codecs.TEXT, t, method=MedBind.embed))
-    embed_text = lambda p, texts: embed_tokens(p, tokenize(texts))
-  return common.EmbedFns(inputs=inputs, text=embed_text, batch_size=batch_size)
+    embed_tokens = jax.jit(lambda p, t: embed(p, t, codecs.TEXT), **out)
+    fns.text = lambda p, texts: embed_tokens(p, tokens(texts))
+  return fns
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -203,7 +227,7 @@ def make_embed_fns(model: MedBind, mode: str, text_params, tokenize: text_lib.To
 
 def workdir_path(workdir: str) -> epath.Path:
   """A local workdir made absolute (orbax needs that), or a cloud one (gs://...) as it is."""
-  return epath.Path(workdir if "://" in os.fspath(workdir) else os.path.abspath(workdir))
+  return paths.as_path(paths.absolute(workdir))
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

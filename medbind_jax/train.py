@@ -9,9 +9,9 @@ Checkpoint and resume -> Evals -> Loop -> Final evaluation. `train_and_evaluate(
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -27,7 +27,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from medbind_jax import evaluators, losses, metric_writer, optim, runs, sharding, steps
+from medbind_jax import evaluators, losses, metric_writer, optim, paths, runs, sharding, steps
 from medbind_jax.data import codecs, pipeline
 from medbind_jax.data import text as text_lib
 from medbind_jax.evaluators import common, retrieval
@@ -58,6 +58,9 @@ def prepare_data(config) -> str:
     from data_prep import synthetic_world  # pylint: disable=import-outside-toplevel
     fields = {k: v for k, v in config.data.synthetic.to_dict().items() if k != "workers"}
     params = synthetic_world.WorldParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    # Meet first: the first cross-process collective sets up the CPU (gloo) context, whose deadline is 30 s, so
+    # it must not be the barrier that waits through process 0's generation.
+    multihost_utils.sync_global_devices("synthetic world: start")
     if jax.process_index() == 0:
       synthetic_world.ensure_world(data_dir, params, workers=config.data.synthetic.get("workers"))
     multihost_utils.sync_global_devices("synthetic world ready")
@@ -75,9 +78,10 @@ def build_text_table(model: MedBind, text_params, trunk_fingerprint: str, texts:
   """
   digest = hashlib.sha256(json.dumps([texts, tokenize.max_length, tokenize.tokenizer_dir]).encode())
   digest.update(trunk_fingerprint.encode())  # the weights themselves, not where they came from
-  path = os.path.join(cache_dir, f"text_features_{digest.hexdigest()[:20]}.npy")
-  if os.path.exists(path):
-    return np.load(path)
+  path = paths.join(cache_dir, f"text_features_{digest.hexdigest()[:20]}.npy")
+  if paths.exists(path):
+    with paths.open_file(path, "rb") as f:
+      return np.load(f)
   trunk = runs.text_trunk_fn(model)
   tokens = tokenize(texts)
   lengths = tokens["attention_mask"].sum(1)
@@ -92,27 +96,21 @@ def build_text_table(model: MedBind, text_params, trunk_fingerprint: str, texts:
       chunk[k][:len(rows)] = tokens[k][rows, :width]
     table[rows] = np.asarray(trunk(text_params, chunk))[:len(rows)]
   if jax.process_index() == 0:
-    os.makedirs(cache_dir, exist_ok=True)
-    np.save(path + ".tmp.npy", table)
-    os.replace(path + ".tmp.npy", path)
+    paths.makedirs(cache_dir)
+    buffer = io.BytesIO()
+    np.save(buffer, table)
+    paths.write_bytes_atomic(path, buffer.getvalue())
   return table
 
 
 def cache_dir(config, workdir: str) -> str:
   """Where derived data that several runs can share (text features) is kept."""
-  return config.get("cache_dir") or os.path.join(workdir, "cache")
-
-
-def local_copy(tree):
-  """A global pytree (replicated or sharded over fsdp) as whole arrays on this process's first device
-  (evaluation runs per process)."""
-  whole = jax.device_put(tree, NamedSharding(jax.tree.leaves(tree)[0].sharding.mesh, P()))  # gathers fsdp shards
-  return jax.tree.map(lambda a: a.addressable_data(0), whole)
+  return config.get("cache_dir") or paths.join(workdir, "cache")
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                         enable_async_checkpointing=False)
+                                         enable_async_checkpointing=bool(config.get("checkpoint_async", False)))
   return ocp.CheckpointManager(runs.workdir_path(workdir) / runs.CHECKPOINT_DIR, options=options,
                                item_names=("state", "data"),
                                item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -184,19 +182,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Args:
     config: see configs/medbind.py.
-    workdir: checkpoints, metrics.jsonl, TensorBoard events, metrics.json and the eval/ report go here.
+    workdir: checkpoints, metrics.jsonl, TensorBoard events, metrics.json and the eval/ report go here. Local or a
+      URI (gs://bucket/run): every file goes through `medbind_jax.paths` (etils.epath), the checkpoints through
+      orbax (epath for its metadata, TensorStore's own gs:// driver for the arrays; orbax supports local and
+      gs:// checkpoint directories, not s3://). `config.data.dir` and `config.cache_dir` may be URIs as well.
     stop_after_step: stop right after this step without saving, as a pre-emption would (used by the tests).
   Returns:
     The final evaluation metrics (also in workdir/metrics.json), or None when stopped early.
   """
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   is_main = jax.process_index() == 0
   own_steps = runs.checkpoint_steps(workdir)
   if own_steps:  # before anything is written into the workdir
     refuse_old_layout(runs.workdir_path(workdir) / runs.CHECKPOINT_DIR, own_steps[-1])
   if is_main:  # what `--mode=eval` and `medbind_jax.inference` rebuild the model from
-    with open(os.path.join(workdir, runs.CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    paths.write_text_atomic(paths.join(workdir, runs.CONFIG_FILE), config.to_json_best_effort(indent=2, sort_keys=True))
   writer = metric_writer.MetricWriter(workdir)
   rng = jax.random.key(config.seed)
 
@@ -257,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   manager = checkpoint_manager(workdir, config)
   restore_from = manager if manager.latest_step() is not None else None
   if restore_from is None and config.get("resume"):
-    restore_from = ocp.CheckpointManager(config.resume, item_names=("state", "data"),
+    restore_from = ocp.CheckpointManager(runs.workdir_path(config.resume), item_names=("state", "data"),
                                          item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                         "data": grain.checkpoint.CheckpointHandler()})
   if restore_from is not None:
@@ -278,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ---- Evals -----------------------------------------------------------------------------------------------------
   # Built once (the eval split's index, jitted embedding functions); run every config.eval.every_steps steps (0: only
   # after the last step), each run writing workdir/eval/ and, during training, eval/... to the metric writer.
-  suite = make_eval_suite(config, model, text_mode, text_params, tokenize)
+  suite = make_eval_suite(config, model, text_mode, text_params, tokenize, mesh)
   eval_results = None
 
   # ---- Loop ------------------------------------------------------------------------------------------------------
@@ -336,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           pending = None
         report(step)
       if config.eval.every_steps and (step % config.eval.every_steps == 0 or final):
-        eval_results = evaluate(config, workdir, suite, local_copy(state.params), step)
+        eval_results = evaluate(config, workdir, suite, state.params, step)
         writer.write(step, {f"eval/{k}": v for k, v in eval_results.items()})
       if stop_after_step is not None and step >= stop_after_step:
         log.info("stopping after step %d as asked (stop_after_step)", step)
@@ -350,15 +350,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ---- Final evaluation ------------------------------------------------------------------------------------------
   if eval_results is None:  # not already evaluated after the last step
-    eval_results = evaluate(config, workdir, suite, local_copy(state.params), config.total_steps)
+    eval_results = evaluate(config, workdir, suite, state.params, config.total_steps)
   return {**eval_results, "step": float(config.total_steps)}
 
 
-def make_eval_suite(config, model: MedBind, text_mode: str, text_params, tokenize) -> evaluators.Suite:
-  """The evaluators `config.eval.evaluators` names, over `config.data.eval_split` (indexed once)."""
+def make_eval_suite(config, model: MedBind, text_mode: str, text_params, tokenize, mesh) -> evaluators.Suite:
+  """The evaluators `config.eval.evaluators` names, over `config.data.eval_split` (indexed once). The split is
+  embedded across every device of `mesh` (every process reads and embeds its share; `common.embed_split`), the
+  metrics computed on every process from the gathered embeddings."""
   index = pipeline.index_split(config.data.dir, config.data.eval_split, skip_corrupt=config.data.skip_corrupt,
                                progress=jax.process_index() == 0)
-  fns = runs.make_embed_fns(model, text_mode, text_params, tokenize, config.eval.batch_size)
+  fns = runs.make_embed_fns(model, text_mode, text_params, tokenize, config.eval.batch_size, mesh=mesh)
   edges = runs.edges(config)
   data = common.SplitEmbedder(fns, index, runs.data_specs(config),
                               report_modalities=[e.modality for e in edges if e.uses_text])
@@ -369,15 +371,14 @@ def evaluate(config, workdir: str, suite: evaluators.Suite, params, step: int) -
   """Runs `suite` on `params`. Process 0 prints the headline numbers and writes workdir/eval/ (metrics.json,
   report.md, plots) and workdir/metrics.json."""
   is_main = jax.process_index() == 0
-  results = suite.run(params, report_dir=os.path.join(workdir, "eval") if is_main else None, step=step)
+  results = suite.run(params, report_dir=paths.join(workdir, "eval") if is_main else None, step=step)
   if is_main:
     print(f"\nEvaluation on {config.data.eval_split} at step {step} (all numbers: "
-          f"{os.path.join(workdir, 'eval', 'report.md')}):\n{suite.summary_table(results)}", flush=True)
+          f"{paths.join(workdir, 'eval', 'report.md')}):\n{suite.summary_table(results)}", flush=True)
     if "retrieval" in suite.evaluators:
       print(f"\nRetrieval on {config.data.eval_split} (R@K in %, chance level in brackets):\n"
             + retrieval.format_table(results, ks=config.eval.ks), flush=True)
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+    paths.write_text_atomic(paths.join(workdir, "metrics.json"), json.dumps(results, indent=2, sort_keys=True))
   return results
 
 
@@ -388,18 +389,21 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   evaluation settings (`config.eval`) from `config`, so a finished run can be re-evaluated with other evaluators or
   another protocol.
   """
-  if os.path.exists(os.path.join(workdir, runs.CONFIG_FILE)):
+  if paths.exists(paths.join(workdir, runs.CONFIG_FILE)):
     run_config = runs.load_run_config(workdir)
     run_config.eval = ml_collections.ConfigDict(config.eval.to_dict())
   else:
     log.warning("%s has no config.json: rebuilding the model from --config as given", workdir)
     run_config = config
   if not runs.checkpoint_steps(workdir):
-    raise FileNotFoundError(f"no finished checkpoint in {os.path.join(workdir, runs.CHECKPOINT_DIR)}: train there "
+    raise FileNotFoundError(f"no finished checkpoint in {paths.join(workdir, runs.CHECKPOINT_DIR)}: train there "
                             "first (--mode=train)")
   prepare_data(run_config)
   # The trained parameters alone (the frozen text trunk, which checkpoints leave out, is rebuilt as the run made it).
   run_config, model, params, text_params, step = runs.load_trained(workdir, config=run_config)
   log.info("evaluating step %d of %s", step, workdir)
-  suite = make_eval_suite(run_config, model, runs.text_mode(run_config), text_params, runs.make_tokenize(run_config))
+  mesh = sharding.make_mesh(run_config.get("mesh", {}))
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  suite = make_eval_suite(run_config, model, runs.text_mode(run_config), text_params, runs.make_tokenize(run_config),
+                          mesh)
   return {**evaluate(run_config, workdir, suite, params, step), "step": float(step)}

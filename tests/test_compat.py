@@ -16,11 +16,13 @@ V1 = os.path.join(os.path.dirname(__file__), "fixtures", "v1")
 
 @pytest.fixture()
 def old_run(tmp_path):
-  """A copy of the old run whose config points at the fixture's v1 dataset (its own data dir was a temp dir)."""
+  """A copy of the old run whose config points at a copy of the fixture's v1 dataset (its own data dir was a temp
+  dir; a copy, since indexing a dataset without shard indexes writes them beside its shards)."""
   workdir = tmp_path / "run_v1"
   shutil.copytree(os.path.join(V1, "run_v1"), workdir)
+  shutil.copytree(os.path.join(V1, "dataset_v1"), tmp_path / "dataset_v1")
   config = json.loads((workdir / "config.json").read_text())
-  config["data"]["dir"] = os.path.join(V1, "dataset_v1")
+  config["data"]["dir"] = str(tmp_path / "dataset_v1")
   config["cache_dir"] = str(tmp_path / "cache")
   (workdir / "config.json").write_text(json.dumps(config))
   return str(workdir)

@@ -1,5 +1,6 @@
 """Training batches: static shapes, linked rows, determinism by seed, process sharding, checkpointable state."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -80,15 +81,20 @@ def test_epochs_cover_every_linked_record(index):
 
 
 def test_processes_split_the_global_batch(index):
-  whole = _dataset(index)
-  parts = [_dataset(index, process_index=p, process_count=2) for p in range(2)]
+  """Two processes of one device each read the two halves of the batch one process with two devices reads: the
+  same records, inputs (augmentation included), reports and masks, row for row."""
+  whole = pipeline.train_dataset(index, _rows(index), pipeline.BatchSpec(8, 3, shards=2), LAYOUT, specs=SPECS,
+                                 seed=0)
+  parts = [pipeline.train_dataset(index, _rows(index), pipeline.BatchSpec(8, 3, p, 2), LAYOUT, specs=SPECS, seed=0)
+           for p in range(2)]
   for step in range(2):
-    g = whole[step]
-    p0, p1 = parts[0][step], parts[1][step]
-    # Linked rows of the global batch are the linked rows of process 0 then process 1, and likewise unlinked.
-    g, p0, p1 = g["index"]["cxr"], p0["index"]["cxr"], p1["index"]["cxr"]
-    np.testing.assert_array_equal(g[:4], np.concatenate([p0[:2], p1[:2]]))
-    np.testing.assert_array_equal(g[4:], np.concatenate([p0[2:], p1[2:]]))
+    g, p0, p1 = whole[step], parts[0][step], parts[1][step]
+    joined = jax.tree.map(lambda a, b: np.concatenate([a, b]), p0, p1)
+    jax.tree.map(np.testing.assert_array_equal, joined, g)
+    # 3 linked rows over 2 devices: rows 0 and 1 of the first block, row 0 of the second.
+    assert g["pair_mask"]["cxr_ecg"].tolist() == [True, True, False, False, True, False, False, False]
+    np.testing.assert_array_equal(g["index"]["cxr"][g["pair_mask"]["cxr_ecg"]],
+                                  g["index"]["ecg"][g["pair_mask"]["cxr_ecg"]])
 
 
 def test_iterator_state_restores_exact_order(index):
@@ -107,18 +113,21 @@ def test_iterator_state_restores_exact_order(index):
 
 
 def test_bad_batch_spec_is_explained():
-  with pytest.raises(ValueError, match="divide by the 3 processes"):
+  with pytest.raises(ValueError, match="divide by the 3 devices"):
     pipeline.BatchSpec(8, 4, 0, 3)
   with pytest.raises(ValueError, match="linked_per_batch"):
     pipeline.BatchSpec(8, 9)
 
 
-def test_reads_schema_version_1_shards():
+def test_reads_schema_version_1_shards(tmp_path):
   """A dataset converted before modalities were keyed (tests/fixtures/v1, written by that code) still indexes,
   decodes and batches, without re-conversion."""
   import json
   import os
-  data_dir = os.path.join(os.path.dirname(__file__), "fixtures", "v1", "dataset_v1")
+  import shutil
+  # A copy: indexing a dataset without shard indexes writes them beside its shards (shard_index.py).
+  data_dir = str(tmp_path / "dataset_v1")
+  shutil.copytree(os.path.join(os.path.dirname(__file__), "fixtures", "v1", "dataset_v1"), data_dir)
   with open(os.path.join(data_dir, "dataset_info.json")) as f:
     assert json.load(f)["schema_version"] == 1
   index = pipeline.index_split(data_dir, "train", progress=False)

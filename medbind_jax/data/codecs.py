@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from medbind_jax import paths
 from medbind_jax.data import preprocess, schema
 from medbind_jax.data.preprocess import InputError
 
@@ -95,9 +96,9 @@ def names() -> list[str]:
 
 
 def read_file_bytes(path, name: str) -> bytes:
+  """A user input file's bytes (a local path or a URI, through `medbind_jax.paths`)."""
   try:
-    with open(path, "rb") as f:
-      return f.read()
+    return paths.read_bytes(path)
   except FileNotFoundError as err:
     raise InputError(f"{name}: no such file") from err
   except OSError as err:
@@ -147,8 +148,7 @@ class CxrCodec(Codec):
     return lambda image, name, i: self.preprocess(_checked_image(image, name), spec, None, name)
 
   def find_inputs(self, folder: str) -> list[str]:
-    return sorted(os.path.join(root, n) for root, _, files in os.walk(folder) for n in files
-                  if n.lower().endswith(IMAGE_SUFFIXES))
+    return sorted(p for p in paths.list_files(folder) if os.path.basename(p).lower().endswith(IMAGE_SUFFIXES))
 
   def input_id(self, path: str, folder: str) -> str:
     return os.path.splitext(os.path.relpath(path, folder))[0]
@@ -272,16 +272,18 @@ class EcgCodec(Codec):
     return preprocess.preprocess_ecg(signal_mv, float(sampling_rate), spec, leads, name=name)
 
   def find_inputs(self, folder: str) -> list[str]:
-    return sorted(os.path.join(root, n[:-len(".hea")]) for root, _, files in os.walk(folder) for n in files
-                  if n.endswith(".hea"))
+    return sorted(p[:-len(".hea")] for p in paths.list_files(folder) if p.endswith(".hea"))
 
 
 def read_wfdb_record(record_path) -> tuple[np.ndarray, float, list[str]]:
   """(signal in mV [T, leads], sampling rate in Hz, lead names as the header gives them: an inverted lead keeps its
   '-aVR', which `leads.match_leads` reads as -1 x aVR) of a WFDB record (path without extension; a trailing '.hea'
-  is accepted). InputError naming the record when it is missing or damaged."""
+  is accepted). InputError naming the record when it is missing or damaged. Local files only: wfdb reads the
+  header and signal files by local path."""
   from data_prep import ecg_io  # pylint: disable=import-outside-toplevel  (pulls in wfdb)
   record_path = os.fspath(record_path)
+  if not paths.is_local(record_path):
+    raise InputError(f"{record_path}: WFDB records are read from local files (wfdb); copy the record first")
   if record_path.endswith(".hea"):
     record_path = record_path[:-len(".hea")]
   try:

@@ -8,31 +8,32 @@ Batch layout (one process's share of a global batch of `n` rows of every modalit
   pair_mask  {pair edge: bool [b]}         rows that hold the two modalities of one linked encounter
   index      {modality: int32 [b]}         record numbers in the split index
 
-with b = n / process_count. The process's rows are split into `shards` equal consecutive blocks, one per local
-device, and the m_local linked rows (from linked encounters that have every modality of the pair edges; those
-modalities of a row are one encounter's) sit at the start of the blocks, dealt round-robin: block s holds linked
-rows s, s + shards, ... So every device's linked rows are a static prefix of `linked_rows_per_shard` rows
-(the last prefix slots of some blocks hold unlinked rows, masked out, when m_local does not divide by
-`shards`), and a pair edge scores only that prefix. Every other row and modality draws independently from all
-records with that modality. With one shard the first m_local rows are the linked ones. Each pool is an endless
-stream, reshuffled every epoch;
-global step t takes stream items [t*k, (t+1)*k) of each pool and process p takes its slice of those. So the
-global batch at a step does not depend on the number of processes, and the whole order is a function of the
-seed: restoring the iterator's position restores the data exactly.
+with b = n / process_count. The global batch is split into D = process_count x shards equal consecutive blocks,
+one per device (process p holds blocks p * shards ... (p + 1) * shards - 1, i.e. global rows [p * b, (p + 1) * b)),
+and the m linked rows (from linked encounters that have every modality of the pair edges; those modalities of a
+row are one encounter's) sit at the start of the blocks, dealt round-robin: block s holds linked rows s, s + D,
+... So every device's linked rows are a static prefix of `linked_rows_per_shard` = ceil(m / D) rows (the last
+prefix slots of some blocks hold unlinked rows, masked out, when m does not divide by D), and a pair edge scores
+only that prefix. Every other row and modality draws independently from all records with that modality. On one
+device the first m rows are the linked ones. Each pool is an endless stream, reshuffled every epoch; global step
+t takes stream items [t*k, (t+1)*k) of each pool, and every process computes the global batch's record ids and
+reads its own rows. Augmentation is seeded by (seed, step, global row). So the global batch, row for row and
+device for device, depends only on the seed, the step and D, not on how the devices split into processes; and
+restoring the iterator's position restores the data exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
 import tqdm
 
-from medbind_jax.data import codecs, preprocess, schema, tfrecord
+from medbind_jax import paths
+from medbind_jax.data import codecs, preprocess, schema, shard_index, tfrecord
 
 log = logging.getLogger(__name__)
 
@@ -75,37 +76,81 @@ class SplitIndex:
                     np.int64)
 
 
-def index_split(data_dir: str, split: str, *, skip_corrupt: bool = False, progress: bool = True) -> SplitIndex:
-  """Reads every shard of `split` once, verifying CRCs and counts against `dataset_info.json`.
+ADD_INDEX_COMMAND = "python -m data_prep.add_index"  # writes the shard indexes of a data dir (data_prep/add_index.py)
 
-  Raises `tfrecord.CorruptRecordError` (file and byte offset) on the first bad record, and ValueError when a
-  shard holds fewer or more records than `dataset_info.json` lists, unless `skip_corrupt`: then bad records are
-  left out, each is logged, and the totals are kept in `skipped` / `num_missing`. Nothing is dropped silently.
+
+def index_split(data_dir: str, split: str, *, skip_corrupt: bool = False, progress: bool = True,
+                verify: bool = False, write_indexes: bool = True) -> SplitIndex:
+  """Every record of `split`, from the shards' index files: one small file per shard, no record read.
+
+  Start-up cost: `dataset_info.json` and each shard's index (`shard_index`: every record's frame position, ids,
+  linked flag and report texts) are read; the shards are only stat'ed (opened later by `tfrecord.RecordReader`, on
+  a record's first read). So it grows with the number of shards and with the records' metadata (a few
+  microseconds per record to parse the index and build its RecordMeta), not with the shards' bytes.
+
+  An index is used when its CRC32C is intact, it names the shard, the shard's size is the one recorded, and it was
+  made with every registered codec of the dataset's modalities; `verify=True` also compares the CRC32C of each
+  whole shard (reads the shards sequentially, no decoding). A shard without a usable index (converted before
+  indexes existed, index damaged, shard replaced: the last two with a warning, never trusted silently) is read in
+  full as before, and, when it reads clean with the count `dataset_info.json` lists, its index is written beside
+  it (temporary file + rename) and recorded in `dataset_info.json` (`write_indexes=False`: neither), so the next
+  start reads only the index. Where the data dir is not writable the shards are read at every start, with a
+  warning naming the command that adds the indexes (`python -m data_prep.add_index DATA_DIR`).
+
+  Errors. ValueError when a shard holds fewer or more records than `dataset_info.json` lists, unless
+  `skip_corrupt`: then the difference is logged and counted in `num_missing`. A shard read here raises
+  `tfrecord.CorruptRecordError` (file and byte offset) on its first bad record, or with `skip_corrupt` leaves bad
+  records out, each logged and kept in `skipped` (such a shard gets no index). Nothing is dropped silently.
+  Changed by the indexes: the records of an indexed shard are not read here, so damage inside a record that
+  happened after the shard was indexed is found when the record is read (`RecordReader.read` checks the frame
+  header and both CRCs and raises CorruptRecordError naming file and offset; in `skip_corrupt` mode too, the
+  record being in the index); so is a shard replaced by one of the same size, unless its frames happen to line up
+  with the indexed ones. `verify=True` finds both here instead: the shard's CRC32C no longer matches, so the shard
+  is read in full with the rules above (and its stale index removed when it does not read clean).
   """
   info = schema.read_dataset_info(data_dir)
   if split not in info["splits"]:
     raise ValueError(f"{data_dir} has no split {split!r}; it has {sorted(info['splits'])}")
   shards = info["splits"][split]["shards"]
+  needed = shard_index.dataset_codecs(info)
+  registered = set(codecs.names())
   records: list[RecordMeta] = []
   skipped: list[tuple[str, int, str]] = []
   num_missing = 0
+  written: dict[str, str] = {}  # shard file -> index file written here
+  num_read = 0  # shards read in full
+  unwritable: OSError | None = None
   bar = tqdm.tqdm(shards, desc=f"index {split}", unit="shard", disable=not progress, leave=False)
   for shard in bar:
-    path = os.path.join(data_dir, shard["file"])
-    if not os.path.exists(path):
+    path = paths.join(data_dir, shard["file"])
+    if not paths.exists(path):
       if not skip_corrupt:
         raise FileNotFoundError(f"{path} is listed in dataset_info.json but missing")
       log.warning("skipping missing shard %s (%d records)", path, shard["num_examples"])
       skipped.append((path, 0, "missing shard"))
       num_missing += shard["num_examples"]
       continue
+    index_file = shard.get("index") or shard_index.index_name(shard["file"])
+    index_path = paths.join(data_dir, index_file)
+    index, why = shard_index.load_index(path, index_path, needed_codecs=needed, verify=verify)
     problems: list[tuple[str, int, str]] = []
-    found = 0
-    for ref, data in tfrecord.iter_records(path, skip_corrupt=skip_corrupt, problems=problems):
-      enc = schema.decode_encounter(data)
-      records.append(RecordMeta(ref, enc.encounter_id, enc.patient_id, enc.linked, tuple(sorted(enc.parts)),
-                                {m: part.report for m, part in enc.parts.items()}))
-      found += 1
+    if index is None:
+      if why:
+        log.warning("%s; re-indexing from the shard", why)
+      num_read += 1
+      index = shard_index.build_index(path, skip_corrupt=skip_corrupt, problems=problems)
+      clean = not problems and index.num_records == shard["num_examples"]
+      if write_indexes and unwritable is None and (clean or why):
+        try:
+          if clean:
+            shard_index.write_index(index_path, index)
+            written[shard["file"]] = index_file
+          else:  # a stale index of a shard that no longer reads clean: the next start must read the shard too
+            paths.remove(index_path)
+        except OSError as err:
+          unwritable = err
+    records.extend(_record_metas(path, index, registered))
+    found = index.num_records
     skipped.extend(problems)
     if found != shard["num_examples"]:
       message = (f"{path}: dataset_info.json lists {shard['num_examples']} records but {found} could be read"
@@ -115,10 +160,34 @@ def index_split(data_dir: str, split: str, *, skip_corrupt: bool = False, progre
                          "config.data.skip_corrupt=True to train on what is readable.")
       log.warning("%s", message)
       num_missing += shard["num_examples"] - found
+  if written:
+    try:
+      schema.record_shard_indexes(data_dir, written)
+    except OSError as err:
+      log.warning("could not record the new shard indexes in %s (%s); they are found by name all the same",
+                  paths.join(data_dir, schema.DATASET_INFO), err)
+    log.info("%s/%s: read %d shard(s) in full and wrote their indexes; later starts read only the indexes",
+             data_dir, split, len(written))
+  if unwritable is not None:
+    log.warning("%s/%s: %d shard(s) have no usable index and it could not be written (%s), so every start reads "
+                "them in full. Add the indexes with: %s %s", data_dir, split, num_read, unwritable,
+                ADD_INDEX_COMMAND, data_dir)
   if skipped or num_missing:
     log.warning("%s/%s: %d damaged records skipped, %d listed records unreadable in all",
                 data_dir, split, len(skipped), num_missing)
   return SplitIndex(data_dir, split, records, info, skipped, num_missing)
+
+
+def _record_metas(path: str, index: shard_index.ShardIndex, registered: set[str]) -> list[RecordMeta]:
+  """RecordMetas of one shard's index (`path`: the shard). Modalities of codecs not registered in this process
+  are left out, as `schema.decode_encounter` leaves them out of a record read here."""
+  columns = [(m, index.reports[m]) for m in sorted(index.reports) if m in registered]
+  metas = []
+  for i, (offset, length) in enumerate(zip(index.offsets, index.lengths)):
+    reports = {m: texts[i] for m, texts in columns if texts[i] is not None}
+    metas.append(RecordMeta(tfrecord.FrameRef(path, offset, length), index.encounter_ids[i], index.patient_ids[i],
+                            index.linked[i], tuple(reports), reports))
+  return metas
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,7 +205,7 @@ class ExampleReader:
     self.reader = tfrecord.RecordReader()
 
   def encounter(self, i: int) -> schema.Encounter:
-    return schema.decode_encounter(self.reader.read(self.refs[i]), modalities=self.specs)
+    return schema.decode_encounter(self.reader.read(self.refs[i]), modalities=self.specs, extras=False)
 
   def input(self, enc: schema.Encounter, modality: str, rng) -> np.ndarray:
     return codecs.get(modality).preprocess(enc.part(modality).data, self.specs[modality], rng,
@@ -179,37 +248,48 @@ class BatchSpec:
   linked_per_batch: int  # m: rows that come from linked encounters
   process_index: int = 0
   process_count: int = 1
-  shards: int = 1  # the devices of this process its rows are split over, in order
+  shards: int = 1  # the devices of this process its rows are split over, in order (the same on every process)
 
   def __post_init__(self):
     n, m, procs = self.global_batch_size, self.linked_per_batch, self.process_count
-    if n % procs or m % procs:
-      raise ValueError(f"batch_size {n} and linked_per_batch {m} must both divide by the {procs} processes")
     if not 0 <= m <= n:
       raise ValueError(f"linked_per_batch must be in [0, batch_size={n}], got {m}")
-    if self.shards < 1 or self.local_batch_size % self.shards:
+    if self.shards < 1 or n % (procs * self.shards):
       raise ValueError(f"batch_size {n} must divide by the {procs * self.shards} devices "
-                       f"({self.shards} per process)")
+                       f"({procs} process(es) x {self.shards} devices)")
+    if not 0 <= self.process_index < procs:
+      raise ValueError(f"process_index {self.process_index} is not in [0, {procs})")
 
   @property
   def local_batch_size(self) -> int:
     return self.global_batch_size // self.process_count
 
   @property
-  def local_linked(self) -> int:
-    return self.linked_per_batch // self.process_count
+  def devices(self) -> int:
+    """Devices over all processes: the global batch is split into this many equal consecutive blocks."""
+    return self.process_count * self.shards
 
   @property
   def linked_rows_per_shard(self) -> int:
-    """The static prefix of every device's rows that can hold linked rows (ceil(m_local / shards))."""
-    return -(-self.local_linked // self.shards)
+    """The static prefix of every device's rows that can hold linked rows (ceil(m / devices))."""
+    return -(-self.linked_per_batch // self.devices)
+
+  def global_linked_slots(self) -> np.ndarray:
+    """[n] int: the linked row (0..m-1) each row of the global batch holds, -1 for unlinked rows: linked row j
+    sits in device block j % devices, at position j // devices (see the module docstring)."""
+    rows = self.global_batch_size // self.devices
+    position, block = np.arange(self.global_batch_size) % rows, np.arange(self.global_batch_size) // rows
+    slot = position * self.devices + block
+    return np.where((position < self.linked_rows_per_shard) & (slot < self.linked_per_batch), slot, -1)
+
+  def local_rows(self) -> slice:
+    """This process's rows of the global batch (its devices' blocks)."""
+    return slice(self.process_index * self.local_batch_size, (self.process_index + 1) * self.local_batch_size)
 
   def linked_slots(self) -> np.ndarray:
-    """[b] int: the linked row (0..m_local-1) each local row holds, -1 for unlinked rows (see module docstring)."""
-    rows = self.local_batch_size // self.shards
-    position, shard = np.arange(self.local_batch_size) % rows, np.arange(self.local_batch_size) // rows
-    slot = position * self.shards + shard
-    return np.where((position < self.linked_rows_per_shard) & (slot < self.local_linked), slot, -1)
+    """[b] int: the linked row (0..m-1 of the global batch) each of this process's rows holds, -1 for unlinked
+    rows."""
+    return self.global_linked_slots()[self.local_rows()]
 
 
 class _AssembleBatch(grain.transforms.Map):
@@ -221,41 +301,45 @@ class _AssembleBatch(grain.transforms.Map):
     self.seed, self.augment = seed, augment
     self.reports = {m: [r.reports.get(m, "") for r in index.records] for m in layout.report_modalities}
 
-  def _stream_slice(self, pool: str, step: int, per_step: int, per_process: int) -> list[int]:
-    start = step * per_step + self.spec.process_index * per_process
-    return [int(self.pools[pool][k]) for k in range(start, start + per_process)]
+  def _stream(self, pool: str, step: int, per_step: int) -> list[int]:
+    """The pool's stream items of global step `step` (`per_step` of them)."""
+    return [int(self.pools[pool][k]) for k in range(step * per_step, (step + 1) * per_step)]
 
   def map(self, step: int) -> dict:
     spec, layout = self.spec, self.layout
-    linked = self._stream_slice(LINKED, step, spec.linked_per_batch, spec.local_linked)
-    unlinked = spec.global_batch_size - spec.linked_per_batch
-    local_unlinked = spec.local_batch_size - spec.local_linked
-    slots = spec.linked_slots()
+    n, m = spec.global_batch_size, spec.linked_per_batch
+    # The global batch's record ids (a few ints per row, cheap to compute on every process), then this process's
+    # rows of it: the batch depends only on the seed, the step and the total number of devices.
+    slots = spec.global_linked_slots()
+    linked = self._stream(LINKED, step, m) if m else []
     ids = {}
-    for m in layout.modalities:
-      if m in layout.linked_modalities:
-        others = iter(self._stream_slice(m, step, unlinked, local_unlinked))
-        ids[m] = [linked[j] if j >= 0 else next(others) for j in slots]
+    for mod in layout.modalities:
+      if mod in layout.linked_modalities:
+        others = iter(self._stream(mod, step, n - m))
+        ids[mod] = [linked[j] if j >= 0 else next(others) for j in slots]
       else:  # not bound to a partner: every row draws from the modality's own pool
-        ids[m] = self._stream_slice(m, step, spec.global_batch_size, spec.local_batch_size)
-    inputs = {m: [] for m in layout.modalities}
-    for row in range(spec.local_batch_size):
-      # One generator per (step, process, row): augmentation does not depend on thread timing.
-      rng = (np.random.default_rng([self.seed, step, spec.process_index, row]) if self.augment else None)
+        ids[mod] = self._stream(mod, step, n)
+    rows = spec.local_rows()
+    ids = {mod: i[rows] for mod, i in ids.items()}
+    inputs = {mod: [] for mod in layout.modalities}
+    for row in range(rows.start, rows.stop):
+      # One generator per (step, global row): augmentation depends neither on thread timing nor on the number
+      # of processes.
+      rng = np.random.default_rng([self.seed, step, row]) if self.augment else None
       decoded: dict[int, schema.Encounter] = {}  # a linked row's modalities share one decoded record
-      for m in layout.modalities:
-        record = ids[m][row]
+      for mod in layout.modalities:
+        record = ids[mod][row - rows.start]
         if record not in decoded:
           decoded[record] = self.reader.encounter(record)
-        inputs[m].append(self.reader.input(decoded[record], m, rng))
-    texts = {m: [self.reports[m][i] for i in ids[m]] for m in layout.report_modalities}
-    pair_mask = slots >= 0
+        inputs[mod].append(self.reader.input(decoded[record], mod, rng))
+    texts = {mod: [self.reports[mod][i] for i in ids[mod]] for mod in layout.report_modalities}
+    pair_mask = slots[rows] >= 0
     return {
-        "inputs": {m: np.stack(x) for m, x in inputs.items()},
-        "reports": {m: self.text_inputs(t) for m, t in texts.items()},
-        "text_key": {m: np.stack([preprocess.text_key(x) for x in t]) for m, t in texts.items()},
+        "inputs": {mod: np.stack(x) for mod, x in inputs.items()},
+        "reports": {mod: self.text_inputs(t) for mod, t in texts.items()},
+        "text_key": {mod: np.stack([preprocess.text_key(x) for x in t]) for mod, t in texts.items()},
         "pair_mask": {name: pair_mask for name in layout.pair_edges},
-        "index": {m: np.asarray(i, np.int32) for m, i in ids.items()},
+        "index": {mod: np.asarray(i, np.int32) for mod, i in ids.items()},
     }
 
 
@@ -298,30 +382,37 @@ def train_iterator(dataset: grain.MapDataset, *, num_threads: int, prefetch: int
 
 def eval_batches(index: SplitIndex, modality: str, batch_size: int, spec: Any, *,
                  records: Sequence[int] | None = None, num_threads: int = 2) -> Iterator[dict]:
-  """Fixed-size batches over the records with `modality`, in index order, the last padded. Each batch has
-  `inputs` [batch_size, ...] (the codec's model input, no augmentation; `spec` its preprocessing), `valid`
-  [batch_size] bool, `index` (record numbers), `labels` and `text_key` (the report's)."""
+  """Fixed-size batches over the records with `modality` (or `records`, in that order; -1 entries are padding
+  rows), the last padded. Each batch has `inputs` [batch_size, ...] (the codec's model input, no augmentation;
+  `spec` its preprocessing), `valid` [batch_size] bool, `index` (record numbers, -1 on padding rows), `labels`
+  and `text_key` (the report's)."""
   if records is None:
     records = index.pool(modality)
   records = np.asarray(records, np.int64)
   reader = ExampleReader(index, {modality: spec})
   example = codecs.get(modality).example_input(spec)
+  num_labels = len(schema.label_names(index.info, modality))
 
   def load(batch_start: int) -> dict:
-    ids = records[batch_start:batch_start + batch_size]
-    encs = [reader.encounter(int(i)) for i in ids]
-    inputs = [reader.input(e, modality, None) for e in encs]
-    labels = [np.asarray(e.part(modality).labels, np.float32) for e in encs]
-    num_labels = len(labels[0])
-    pad = batch_size - len(ids)
-    batch_texts = [e.part(modality).report for e in encs] + [""] * pad
-    return {
-        "inputs": np.concatenate([np.stack(inputs), np.zeros((pad,) + example.shape, np.float32)]),
-        "valid": np.arange(batch_size) < len(ids),
-        "index": np.concatenate([ids, np.full(pad, -1)]).astype(np.int32),
-        "labels": np.concatenate([np.stack(labels), np.zeros((pad, num_labels), np.float32)]),
-        "text_key": np.stack([preprocess.text_key(t) for t in batch_texts]),
-    }
+    ids = np.full(batch_size, -1, np.int64)
+    chunk = records[batch_start:batch_start + batch_size]
+    ids[:len(chunk)] = chunk
+    valid = ids >= 0
+    encs = {int(i): reader.encounter(int(i)) for i in ids[valid]}
+    inputs = np.zeros((batch_size,) + example.shape, np.float32)
+    labels = np.zeros((batch_size, num_labels), np.float32)
+    texts = [""] * batch_size
+    for row in np.flatnonzero(valid):
+      enc = encs[int(ids[row])]
+      inputs[row] = reader.input(enc, modality, None)
+      row_labels = np.asarray(enc.part(modality).labels, np.float32)
+      if row_labels.shape != (num_labels,):
+        raise ValueError(f"{index.data_dir}/{index.split} record {enc.encounter_id}: {row_labels.size} {modality} "
+                         f"labels, but dataset_info.json declares {num_labels} ({modality}_label_names)")
+      labels[row] = row_labels
+      texts[row] = enc.part(modality).report
+    return {"inputs": inputs, "valid": valid, "index": ids.astype(np.int32), "labels": labels,
+            "text_key": np.stack([preprocess.text_key(t) for t in texts])}
 
   starts = grain.MapDataset.source(list(range(0, len(records), batch_size))).map(load)
   yield from starts.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))

@@ -17,7 +17,9 @@ Version 1 (written before modalities were keyed) had the same keys but wrote the
 record, empty for an absent modality; readers accept both versions, so datasets converted then need no
 re-conversion. Version 2 writes only the modalities a record has, and dataset_info.json lists them.
 
-Shards are named `{split}.tfrecord-{index:05d}-of-{count:05d}`.
+Shards are named `{split}.tfrecord-{index:05d}-of-{count:05d}`; beside each, its index `{split}.index-...`
+(`medbind_jax.data.shard_index`: each record's position, ids and report texts, so start-up need not read the
+records), named in the shard's `dataset_info.json` entry as `"index"`. Readers that do not know indexes ignore both.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
+
+from medbind_jax import paths
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -134,9 +138,10 @@ def parse_features(data: bytes) -> Mapping[str, tf_feature_pb2.Feature]:
   return example.features.feature
 
 
-def decode_encounter(data: bytes, modalities: Iterable[str] | None = None) -> Encounter:
+def decode_encounter(data: bytes, modalities: Iterable[str] | None = None, extras: bool = True) -> Encounter:
   """Parses `tf.train.Example` bytes of either schema version. `modalities`: the ones to decode (default every
-  registered codec); a record's other modalities are left out."""
+  registered codec); a record's other modalities are left out. `extras` False: `Encounter.extras` left empty (the
+  training reader's case: two dozen small arrays per record it never reads)."""
   from medbind_jax.data import codecs  # pylint: disable=import-outside-toplevel
   f = parse_features(data)
   parts = {}
@@ -160,7 +165,7 @@ def decode_encounter(data: bytes, modalities: Iterable[str] | None = None) -> En
       linked=bool(f["linked"].int64_list.value[0]),
       parts=parts,
       extras={k[len("extra/"):]: np.asarray(v.float_list.value, np.float32)
-              for k, v in f.items() if k.startswith("extra/")},
+              for k, v in f.items() if k.startswith("extra/")} if extras else {},
   )
 
 
@@ -176,6 +181,7 @@ class ShardStats:
   num_examples: int = 0
   num_linked: int = 0
   num_by_modality: dict[str, int] = dataclasses.field(default_factory=dict)
+  index: str = ""  # the shard's index file (`shard_index`), when one was written
 
   def add(self, enc: Encounter) -> None:
     self.num_examples += 1
@@ -185,12 +191,13 @@ class ShardStats:
 
   def to_json(self, modalities: Sequence[str]) -> dict:
     return {"file": self.file, "num_examples": self.num_examples,
-            **{f"num_{m}": self.num_by_modality.get(m, 0) for m in modalities}, "num_linked": self.num_linked}
+            **{f"num_{m}": self.num_by_modality.get(m, 0) for m in modalities}, "num_linked": self.num_linked,
+            **({"index": self.index} if self.index else {})}
 
   @classmethod
   def from_json(cls, entry: Mapping[str, Any], modalities: Sequence[str]) -> ShardStats:
     return cls(entry["file"], entry["num_examples"], entry["num_linked"],
-               {m: entry.get(f"num_{m}", 0) for m in modalities})
+               {m: entry.get(f"num_{m}", 0) for m in modalities}, entry.get("index", ""))
 
 
 def write_dataset_info(out_dir: str | os.PathLike, *, name: str, shards: Mapping[str, Sequence[ShardStats]],
@@ -211,22 +218,36 @@ def write_dataset_info(out_dir: str | os.PathLike, *, name: str, shards: Mapping
     }
   info = {"schema_version": SCHEMA_VERSION, "name": name, "modalities": modalities,
           **{f"{m}_label_names": list(names) for m, names in label_names.items()}, "splits": splits, **extra}
-  path = os.path.join(out_dir, DATASET_INFO)
-  with open(path + ".tmp", "w") as f:
-    json.dump(info, f, indent=2)
-  os.replace(path + ".tmp", path)
+  paths.write_text_atomic(paths.join(out_dir, DATASET_INFO), json.dumps(info, indent=2))
   return info
+
+
+def record_shard_indexes(data_dir: str | os.PathLike, indexes: Mapping[str, str]) -> bool:
+  """Names each shard's index in `dataset_info.json` (`indexes`: shard file -> index file), rewriting the file
+  atomically and leaving every other key as it was (a version-1 file stays version 1). Returns whether anything
+  changed. Several processes may call this at once: each writes through its own temporary file, and a lost update
+  costs nothing, since readers also look for an index under its default name."""
+  path = paths.join(data_dir, DATASET_INFO)
+  info = json.loads(paths.read_text(path))
+  changed = False
+  for split in info.get("splits", {}).values():
+    for shard in split.get("shards", []):
+      name = indexes.get(shard.get("file"))
+      if name and shard.get("index") != name:
+        shard["index"], changed = name, True
+  if changed:
+    paths.write_text_atomic(path, json.dumps(info, indent=2))
+  return changed
 
 
 def read_dataset_info(data_dir: str | os.PathLike) -> dict:
   """dataset_info.json of `data_dir`, either schema version; a version-1 file gets its `modalities` ('cxr',
   'ecg') filled in, so readers see one form."""
-  path = os.path.join(data_dir, DATASET_INFO)
-  if not os.path.exists(path):
+  path = paths.join(data_dir, DATASET_INFO)
+  if not paths.exists(path):
     raise FileNotFoundError(f"no {DATASET_INFO} in {data_dir}: is this a MEDBind-JAX data directory? "
                             "Create one with a data_prep converter.")
-  with open(path) as f:
-    info = json.load(f)
+  info = json.loads(paths.read_text(path))
   version = info.get("schema_version")
   if version not in READABLE_VERSIONS:
     raise ValueError(f"{path}: schema_version {version} but this code reads versions {READABLE_VERSIONS}; "

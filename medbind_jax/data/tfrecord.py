@@ -6,7 +6,11 @@ A TFRecord file is a sequence of frames::
 
 (little-endian). Readers here verify both CRCs. `grain.experimental.TFRecordIterDataset` does not, and
 offers no random access, so the project keeps its own small reader: an index pass (`scan_tfrecord`) that
-locates and validates every frame, and `RecordReader.read` that re-checks one frame on access.
+locates and validates every frame, and `RecordReader.read` that re-checks one frame on access (its header, whose
+length must be the one the `FrameRef` was made with, and both CRCs). `RecordReader.read` is therefore the check of
+record data taken from a stored index (`shard_index`) rather than from a scan.
+
+Files are read and written through `medbind_jax.paths` (etils.epath): local paths and URIs (gs://...) alike.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import threading
 from typing import BinaryIO, Iterable, Iterator
 
 import crc32c
+
+from medbind_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +65,43 @@ class TFRecordWriter:
   """Writes frames to `path` via a temporary file renamed into place on a clean close.
 
   A writer interrupted mid-way leaves only `path + '.tmp'`, never a half-written `path`, so a re-run can tell
-  finished shards from unfinished ones by their name.
+  finished shards from unfinished ones by their name. On an object store the temporary object is copied to `path`
+  on close (`paths.replace`): an object store has no rename, but a finished shard still appears under its name
+  only once complete.
   """
 
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
     self._tmp = self.path + ".tmp"
-    self._file: BinaryIO | None = open(self._tmp, "wb")
+    self._file: BinaryIO | None = paths.open_file(self._tmp, "wb")
     self.num_records = 0
+    self.num_bytes = 0  # the file's size so far
+    self.crc32c = 0  # CRC32C (unmasked) of the file's bytes so far, for the shard index (`shard_index`)
 
-  def write(self, data: bytes) -> None:
-    self._file.write(frame(data))
+  def write(self, data: bytes) -> int:
+    """Appends one frame holding `data`; returns the byte offset of `data` in the file (`FrameRef.offset`)."""
+    framed = frame(data)
+    self._file.write(framed)
+    offset = self.num_bytes + _HEADER.size
     self.num_records += 1
+    self.num_bytes += len(framed)
+    self.crc32c = crc32c.crc32c(framed, self.crc32c)
+    return offset
 
   def close(self) -> None:
     if self._file is not None:
       self._file.flush()
-      os.fsync(self._file.fileno())
+      if paths.is_local(self._tmp):
+        os.fsync(self._file.fileno())
       self._file.close()
       self._file = None
-      os.replace(self._tmp, self.path)
+      paths.replace(self._tmp, self.path)
 
   def abort(self) -> None:
     if self._file is not None:
       self._file.close()
       self._file = None
-      os.remove(self._tmp)
+      paths.remove(self._tmp)
 
   def __enter__(self) -> "TFRecordWriter":
     return self
@@ -156,8 +173,8 @@ def iter_records(path: str | os.PathLike, *, skip_corrupt: bool = False,
 
 
 def _iter_frames(path: str, skip_corrupt: bool, problems: list, verify_data: bool):
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  size = paths.file_size(path)
+  with paths.open_file(path, "rb") as f:
     offset = 0
     while offset < size:
       try:
@@ -193,10 +210,12 @@ def scan_tfrecord(path: str | os.PathLike, *, skip_corrupt: bool = False,
 
 
 class RecordReader:
-  """Random access to records by `FrameRef`, re-verifying the data CRC on every read.
+  """Random access to records by `FrameRef`, re-verifying the frame on every read: its header (length CRC, and the
+  length must be `FrameRef.length`: a file replaced since it was indexed is caught here) and the data CRC.
 
-  File handles are opened lazily and kept per thread, so one reader can serve grain's reader threads.
-  Picklable (handles are not pickled), so it can also travel to grain worker processes.
+  File handles are opened lazily and kept per thread, so one reader can serve grain's reader threads (through
+  `paths.open_file`: a seekable handle for local files and object stores alike). Picklable (handles are not
+  pickled), so it can also travel to grain worker processes.
   """
 
   def __init__(self):
@@ -215,17 +234,26 @@ class RecordReader:
       handles = self._local.handles = {}
     f = handles.get(path)
     if f is None:
-      f = handles[path] = open(path, "rb")
+      f = handles[path] = paths.open_file(path, "rb")
     return f
 
   def read(self, ref: FrameRef) -> bytes:
+    """The data of the frame at `ref`; CorruptRecordError (file and frame offset) when the frame is damaged,
+    truncated, or not the frame `ref` was made from. One read of header, data and footer."""
     f = self._handle(ref.path)
-    f.seek(ref.offset)
-    data = f.read(ref.length + _FOOTER.size)
-    if len(data) < ref.length + _FOOTER.size:
+    f.seek(ref.frame_offset)
+    size = _HEADER.size + ref.length + _FOOTER.size
+    framed = f.read(size)
+    if len(framed) < size:
       raise CorruptRecordError(ref.path, ref.frame_offset, "file ends inside the record (truncated file)")
-    (data_crc,) = _FOOTER.unpack(data[ref.length:])
-    data = data[:ref.length]
+    length, length_crc = _HEADER.unpack_from(framed)
+    if masked_crc(framed[:8]) != length_crc:
+      raise CorruptRecordError(ref.path, ref.frame_offset, "length CRC mismatch (damaged frame header)")
+    if length != ref.length:
+      raise CorruptRecordError(ref.path, ref.frame_offset, f"the frame holds {length} bytes where {ref.length} were "
+                               "indexed (the file changed after it was indexed)")
+    (data_crc,) = _FOOTER.unpack_from(framed, _HEADER.size + length)
+    data = framed[_HEADER.size:_HEADER.size + length]
     if masked_crc(data) != data_crc:
       raise CorruptRecordError(ref.path, ref.frame_offset, "data CRC mismatch (damaged record contents)")
     return data

@@ -11,7 +11,9 @@ import dataclasses
 import hashlib
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from medbind_jax.data import pipeline, preprocess, schema
 
@@ -22,18 +24,36 @@ EmbedFn = Callable[..., np.ndarray]
 class EmbedFns:
   """Embedding functions of the trainable params: `inputs[m](params, batch)` for each input modality (a
   fixed-size batch of model inputs) and `text(params, texts)` (a list of strings); each returns float32 [B, d]
-  unit vectors."""
+  unit vectors.
+
+  With a `mesh` (`runs.make_embed_fns(..., mesh=)`), every process of a multi-process run calls them together:
+  `inputs[m](params, batch, *extras)` takes global arrays whose rows are split over all devices (`rows`), and
+  returns the embeddings and `extras` replicated (so every process gets every row: an all-gather), and
+  `text(params, texts)` takes the same full list of texts on every process. `embed_split` and `texts` then run
+  the split across every device of every process."""
 
   inputs: Mapping[str, EmbedFn]
   text: EmbedFn
   batch_size: int
+  mesh: Mesh | None = None
+
+  @property
+  def global_batch(self) -> int:
+    """Rows per call: `batch_size`, rounded up to a multiple of the mesh's devices."""
+    if self.mesh is None:
+      return self.batch_size
+    return -(-self.batch_size // self.mesh.size) * self.mesh.size
+
+  def rows(self, local: np.ndarray) -> jax.Array:
+    """A global array [global_batch, ...] from this process's consecutive block of rows."""
+    return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P(self.mesh.axis_names)), local)
 
   def texts(self, params, texts: list[str]) -> np.ndarray:
     """Embeds any number of texts in fixed-size (padded) batches."""
-    out = []
-    for start in range(0, len(texts), self.batch_size):
-      chunk = texts[start:start + self.batch_size]
-      emb = np.asarray(self.text(params, chunk + [""] * (self.batch_size - len(chunk))))
+    out, size = [], self.global_batch
+    for start in range(0, len(texts), size):
+      chunk = texts[start:start + size]
+      emb = np.asarray(self.text(params, chunk + [""] * (size - len(chunk))))
       out.append(emb[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -48,18 +68,43 @@ class ModalityEmbeddings:
   labels: np.ndarray  # [N, num_labels]
 
 
+def process_rows(records: np.ndarray, global_batch: int, process_index: int, process_count: int) -> np.ndarray:
+  """This process's share of `records` read in global batches of `global_batch` rows: of batch k, the rows
+  [k * B + p * b, k * B + (p + 1) * b) with b = B / process_count, -1 past the end. Concatenated over the
+  processes, each global batch is records[k * B:(k + 1) * B] in order, so every row lands on the same device
+  as in a one-process run."""
+  per_process = global_batch // process_count
+  num_batches = -(-len(records) // global_batch)
+  padded = np.full(num_batches * global_batch, -1, np.int64)
+  padded[:len(records)] = records
+  return padded.reshape(num_batches, process_count, per_process)[:, process_index].reshape(-1)
+
+
 def embed_split(fns: EmbedFns, params, index: pipeline.SplitIndex, modality: str, spec) -> ModalityEmbeddings:
-  """Embeddings of every `modality` record of `index` (`spec`: the codec's preprocessing)."""
+  """Embeddings of every `modality` record of `index` (`spec`: the codec's preprocessing); with `fns.mesh`,
+  each process reads and embeds its share and every process gets all of them."""
   fn = fns.inputs[modality]
   parts: dict[str, list] = {"emb": [], "index": [], "text_key": [], "labels": []}
-  for batch in pipeline.eval_batches(index, modality, fns.batch_size, spec):
-    valid = batch["valid"]
-    parts["emb"].append(np.asarray(fn(params, batch["inputs"]))[valid])
-    parts["index"].append(batch["index"][valid])
-    parts["text_key"].append(batch["text_key"][valid])
-    parts["labels"].append(batch["labels"][valid])
-  if not parts["emb"]:
+  records = index.pool(modality)
+  if not len(records):
     raise ValueError(f"{index.data_dir}/{index.split} has no {modality} records to evaluate")
+  if fns.mesh is None:
+    batches = pipeline.eval_batches(index, modality, fns.batch_size, spec, records=records)
+  else:
+    size, count = fns.global_batch, jax.process_count()
+    mine = process_rows(records, size, jax.process_index(), count)
+    batches = pipeline.eval_batches(index, modality, size // count, spec, records=mine)
+  for batch in batches:
+    extras = (batch["valid"], batch["index"], batch["text_key"], batch["labels"])
+    if fns.mesh is None:
+      emb = fn(params, batch["inputs"])
+    else:
+      emb, *extras = fn(params, fns.rows(batch["inputs"]), *map(fns.rows, extras))
+    valid, ids, keys, labels = map(np.asarray, extras)
+    parts["emb"].append(np.asarray(emb)[valid])
+    parts["index"].append(ids[valid])
+    parts["text_key"].append(keys[valid])
+    parts["labels"].append(labels[valid])
   return ModalityEmbeddings(**{k: np.concatenate(v) for k, v in parts.items()})
 
 

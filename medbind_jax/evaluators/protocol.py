@@ -21,6 +21,8 @@ import dataclasses
 import json
 import os
 
+from medbind_jax import paths
+
 TEXT = "text"  # reports, not a modality a protocol classifies
 _PACKAGED = os.path.join(os.path.dirname(__file__), "protocols")
 
@@ -56,16 +58,17 @@ class Protocol:
 
 
 def packaged() -> list[str]:
+  """The protocols packaged with this module (files of the installed package: local by definition)."""
   return sorted(f[:-len(".json")] for f in os.listdir(_PACKAGED) if f.endswith(".json"))
 
 
 def load(name_or_path: str) -> Protocol:
-  """Loads a packaged protocol by name (e.g. 'synthetic_v1') or a JSON file by path, checking its structure."""
+  """Loads a packaged protocol by name (e.g. 'synthetic_v1') or a JSON file by path (local or a URI), checking its
+  structure."""
   path = name_or_path if name_or_path.endswith(".json") else os.path.join(_PACKAGED, name_or_path + ".json")
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"no evaluation protocol {name_or_path!r}: give a JSON path or one of {packaged()}")
-  with open(path) as f:
-    raw = json.load(f)
+  raw = json.loads(paths.read_text(path))
 
   def fail(message):
     raise ValueError(f"{path}: {message}")

@@ -5,19 +5,21 @@
                        that modality; "other" = several or none of its classes).
   few_shot_curves.png  few-shot metric against shots per class, mean +- std over seeds, with chance levels.
 
-Plots use matplotlib's object API (`Figure`), not pyplot: no global state, no display backend.
+Plots use matplotlib's object API (`Figure`), not pyplot: no global state, no display backend. Every file is written
+whole through `medbind_jax.paths` (a local directory or a URI such as gs://...).
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Mapping
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from medbind_jax import paths
 from medbind_jax.evaluators import common, few_shot, tsne
 from medbind_jax.evaluators import protocol as protocol_lib
 
@@ -34,23 +36,21 @@ def write(out_dir: str, results: Mapping[str, float], *, step: int | None, evalu
           common.SplitEmbedder, params, protocol: protocol_lib.Protocol, plots: bool = True,
           plot_points: int = 300) -> list[str]:
   """Writes the report files into `out_dir` (created); returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  paths = [os.path.join(out_dir, METRICS_FILE), os.path.join(out_dir, REPORT_FILE)]
-  with open(paths[0] + ".tmp", "w") as f:
-    json.dump({"step": step, **results}, f, indent=2, sort_keys=True)
-  os.replace(paths[0] + ".tmp", paths[0])
+  paths.makedirs(out_dir)
+  written = [paths.join(out_dir, METRICS_FILE), paths.join(out_dir, REPORT_FILE)]
+  paths.write_text_atomic(written[0], json.dumps({"step": step, **results}, indent=2, sort_keys=True))
   figures = []
   if plots:
     if sum(data.num_records.values()) >= 4:
-      plot_embedding_map(os.path.join(out_dir, MAP_FILE), embedding_map_points(data, params, protocol, plot_points))
+      plot_embedding_map(paths.join(out_dir, MAP_FILE), embedding_map_points(data, params, protocol, plot_points))
       figures.append(("Joint embedding space (t-SNE)", MAP_FILE))
     for evaluator in evaluators.values():
       if isinstance(evaluator, few_shot.FewShotEvaluator) and evaluator.curves(results):
-        plot_few_shot(os.path.join(out_dir, FEW_SHOT_FILE), evaluator.curves(results))
+        plot_few_shot(paths.join(out_dir, FEW_SHOT_FILE), evaluator.curves(results))
         figures.append(("Few-shot curves", FEW_SHOT_FILE))
-  with open(paths[1], "w") as f:
-    f.write(markdown(results, step=step, evaluators=evaluators, data=data, protocol=protocol, figures=figures))
-  return paths + [os.path.join(out_dir, name) for _, name in figures]
+  paths.write_text_atomic(written[1], markdown(results, step=step, evaluators=evaluators, data=data,
+                                               protocol=protocol, figures=figures))
+  return written + [paths.join(out_dir, name) for _, name in figures]
 
 
 def summary(results: Mapping[str, float], evaluators: Mapping) -> dict[str, float]:
@@ -169,7 +169,14 @@ def plot_embedding_map(path: str, groups: Mapping[str, tuple[np.ndarray, list[st
     ax.set_xticks([])
     ax.set_yticks([])
   fig.suptitle("t-SNE of the joint embedding space", fontsize=13)
-  fig.savefig(path)
+  _save(fig, path)
+
+
+def _save(fig: Figure, path: str) -> None:
+  """The figure as a PNG at `path` (local or URI), written whole."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png")
+  paths.write_bytes_atomic(path, buffer.getvalue())
 
 
 def _colours(n: int) -> list:
@@ -201,4 +208,4 @@ def plot_few_shot(path: str, curves: Mapping[str, list[few_shot.Curve]]) -> None
     ax.set_title(f"{modality.upper()}: few-shot ridge probe")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="lower right")
-  fig.savefig(path)
+  _save(fig, path)

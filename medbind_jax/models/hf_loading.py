@@ -1,7 +1,9 @@
 """Loads Hugging Face checkpoint directories into the Flax towers (transformers 5 has no Flax models).
 
 A directory holds `config.json` and either `model.safetensors` or `model.safetensors.index.json` + shards.
-Only safetensors are read; pickled checkpoints (`pytorch_model.bin`) are refused, never unpickled.
+Only safetensors are read; pickled checkpoints (`pytorch_model.bin`) are refused, never unpickled. The directory
+is local (not through `medbind_jax.paths`): safetensors' `safe_open` memory-maps local files, and the matching
+tokenizer is read by Hugging Face tokenizers, also from local files only.
 
   encoder, params = load_pretrained("bert", path, skip_keys=(r"^pooler\\.",))
   out = encoder.apply({"params": params}, batch, train=False)
