@@ -56,7 +56,7 @@ def add_indexes(data_dir: str, *, splits: Sequence[str] | None = None, verify: b
       if why:
         log.warning("%s; re-indexing from the shard", why)
     try:
-      index = shard_index.build_index(path)
+      index = shard_index.build_index(path, modalities=info.get("modalities"))
       if index.num_records != shard["num_examples"]:
         raise ValueError(f"{path}: dataset_info.json lists {shard['num_examples']} records but {index.num_records} "
                          "could be read (truncated or replaced shard)")

@@ -138,14 +138,17 @@ def _shard_is_finished(out_dir: str, file: str, entry: Mapping | None) -> bool:
   return len(scan.frames) == entry["num_examples"]
 
 
-def _ensure_index(out_dir: str, file: str, entry: dict) -> None:
-  """Gives a kept shard its index (re-made from the shard when missing or not matching) and names it in `entry`."""
+def _ensure_index(out_dir: str, file: str, entry: dict, modalities: Sequence[str]) -> None:
+  """Gives a kept shard its index (re-made from the shard when missing or not matching) and names it in `entry`;
+  `modalities`: the dataset's."""
   name = entry.get("index") or shard_index.index_name(file)
-  index, why = shard_index.load_index(paths.join(out_dir, file), paths.join(out_dir, name))
+  index, why = shard_index.load_index(paths.join(out_dir, file), paths.join(out_dir, name),
+                                      needed_codecs=shard_index.index_codecs(modalities))
   if index is None:
     if why:
       log.warning("%s; re-indexing from the shard", why)
-    shard_index.write_index(paths.join(out_dir, name), shard_index.build_index(paths.join(out_dir, file)))
+    shard_index.write_index(paths.join(out_dir, name), shard_index.build_index(paths.join(out_dir, file),
+                                                                              modalities=modalities))
   entry["index"] = name
 
 
@@ -194,7 +197,7 @@ def _convert_one(convert: Callable[[Any, Options], schema.Encounter], options: O
       raise RecordError("converter bug", f"record with modalities {sorted(enc.parts)}; the dataset declares "
                         f"{list(modalities)}")
     data = schema.encode_encounter(enc)
-    return True, data, (tuple(enc.parts), bool(enc.linked), shard_index.record_entry(data))
+    return True, data, (tuple(enc.parts), bool(enc.linked), shard_index.record_entry(data, modalities))
   except RecordError as err:
     return False, (err.kind, str(err)), ()
   except Exception as err:  # pylint: disable=broad-except
@@ -250,7 +253,7 @@ def run_conversion(spec: DatasetSpec, tasks: Sequence[Any], convert: Callable[[A
   for split in schema.SPLITS:
     for file, shard_tasks in plan[split]:
       if _shard_is_finished(out_dir, file, state["shards"].get(file)):
-        _ensure_index(out_dir, file, state["shards"][file])
+        _ensure_index(out_dir, file, state["shards"][file], modalities)
         reused.append(file)
         continue
       shard_index.remove_index(out_dir, {**state["shards"].pop(file, {}), "file": file})
@@ -281,7 +284,7 @@ def run_conversion(spec: DatasetSpec, tasks: Sequence[Any], convert: Callable[[A
     for file, shard_tasks in pending:
       stats = schema.ShardStats(file=file)
       shard_errors = []
-      with shard_index.ShardWriter(paths.join(out_dir, file)) as writer:
+      with shard_index.ShardWriter(paths.join(out_dir, file), modalities=modalities) as writer:
         for task in shard_tasks:
           ok, payload, counted = next(results)
           if ok:

@@ -312,7 +312,9 @@ def test_an_index_made_without_a_codec_of_the_dataset_is_rebuilt(tmp_path, caplo
   with caplog.at_level(logging.WARNING):
     assert pipeline.index_split(data_dir, "train", progress=False).records == want
   assert any("made without the ecg codec" in r.getMessage() for r in caplog.records)
-  assert shard_index.read_index(path).codecs == tuple(codecs.names())
+  # Rebuilt with the codecs of the dataset's modalities only: codecs other tests register (e.g. a fourth modality)
+  # do not enter the index, so its bytes do not depend on what the process imported.
+  assert shard_index.read_index(path).codecs == ("cxr", "ecg")
 
 
 def test_index_file_format(tmp_path):

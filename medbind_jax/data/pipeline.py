@@ -138,7 +138,8 @@ def index_split(data_dir: str, split: str, *, skip_corrupt: bool = False, progre
       if why:
         log.warning("%s; re-indexing from the shard", why)
       num_read += 1
-      index = shard_index.build_index(path, skip_corrupt=skip_corrupt, problems=problems)
+      index = shard_index.build_index(path, modalities=info.get("modalities"), skip_corrupt=skip_corrupt,
+                                      problems=problems)
       clean = not problems and index.num_records == shard["num_examples"]
       if write_indexes and unwritable is None and (clean or why):
         try:

@@ -74,10 +74,17 @@ class RecordEntry:
   reports: Mapping[str, str]  # modality -> report text, one key per (registered) modality the record has
 
 
-def record_entry(data: bytes) -> RecordEntry:
-  """The entry of one serialised record, decoded exactly as `pipeline.index_split` reads a record (every
-  registered codec decides whether the record has its modality)."""
-  enc = schema.decode_encounter(data, extras=False)
+def index_codecs(modalities: Iterable[str] | None) -> tuple[str, ...]:
+  """The codecs an index of a dataset declaring `modalities` (dataset_info `modalities`; None: any) is made with:
+  the registered ones among them. Codecs registered for other datasets do not enter the index, so its bytes do not
+  depend on what else a process has imported."""
+  return tuple(m for m in codecs.names() if modalities is None or m in modalities)
+
+
+def record_entry(data: bytes, modalities: Iterable[str] | None = None) -> RecordEntry:
+  """The entry of one serialised record, decoded as `pipeline.index_split` reads a record (the codecs of
+  `index_codecs(modalities)` decide whether the record has their modality)."""
+  enc = schema.decode_encounter(data, modalities=index_codecs(modalities), extras=False)
   return RecordEntry(enc.encounter_id, enc.patient_id, bool(enc.linked),
                      {m: part.report for m, part in enc.parts.items()})
 
@@ -175,16 +182,16 @@ def file_crc32c(path: str | os.PathLike) -> int:
   return crc
 
 
-def build_index(shard_path: str | os.PathLike, *, skip_corrupt: bool = False,
+def build_index(shard_path: str | os.PathLike, *, modalities: Iterable[str] | None = None, skip_corrupt: bool = False,
                 problems: list | None = None) -> ShardIndex:
   """Indexes a shard by reading every record (`tfrecord.iter_records`: both CRCs of every frame checked, with its
   `skip_corrupt` rules; skips are appended to `problems`). The shard's CRC32C is that of the frames read, which is
   the file's when nothing was skipped (a clean scan covers the file end to end)."""
   shard_path = os.fspath(shard_path)
-  index = ShardIndex(shard=os.path.basename(shard_path), codecs=tuple(codecs.names()))
+  index = ShardIndex(shard=os.path.basename(shard_path), codecs=index_codecs(modalities))
   crc = 0
   for ref, data in tfrecord.iter_records(shard_path, skip_corrupt=skip_corrupt, problems=problems):
-    index.add(ref.offset, ref.length, record_entry(data))
+    index.add(ref.offset, ref.length, record_entry(data, modalities))
     crc = crc32c.crc32c(tfrecord.frame(data), crc)  # the frame's bytes, both CRCs having matched
   index.shard_bytes, index.shard_crc32c = paths.file_size(shard_path), crc
   return index
@@ -227,8 +234,7 @@ def load_index(shard_path: str | os.PathLike, index_path: str | os.PathLike, *, 
 def dataset_codecs(info: Mapping[str, Any]) -> list[str]:
   """The registered codecs whose modality a dataset's records may hold (dataset_info `modalities`): an index made
   without one of them is incomplete for this process."""
-  declared = info.get("modalities")
-  return [m for m in codecs.names() if declared is None or m in declared]
+  return list(index_codecs(info.get("modalities")))
 
 
 class ShardWriter:
@@ -236,10 +242,12 @@ class ShardWriter:
   its index beside it. `write(data, entry)`: `entry` is `record_entry(data)` when not given (a caller that
   computed it elsewhere, e.g. in a worker process, passes it). After `close`, `index_file` is the index's name."""
 
-  def __init__(self, path: str | os.PathLike):
+  def __init__(self, path: str | os.PathLike, modalities: Iterable[str] | None = None):
+    """`modalities`: those the dataset declares (dataset_info `modalities`); None: every registered codec's."""
     self.path = os.fspath(path)
+    self.modalities = None if modalities is None else tuple(modalities)
     self._writer = tfrecord.TFRecordWriter(self.path)
-    self._index = ShardIndex(shard=os.path.basename(self.path), codecs=tuple(codecs.names()))
+    self._index = ShardIndex(shard=os.path.basename(self.path), codecs=index_codecs(self.modalities))
     self.index_file = ""
 
   @property
@@ -248,7 +256,7 @@ class ShardWriter:
 
   def write(self, data: bytes, entry: RecordEntry | None = None) -> None:
     offset = self._writer.write(data)
-    self._index.add(offset, len(data), record_entry(data) if entry is None else entry)
+    self._index.add(offset, len(data), record_entry(data, self.modalities) if entry is None else entry)
 
   def close(self) -> str:
     """Puts the shard in place, then writes its index; returns the index's file name."""
