@@ -548,7 +548,8 @@ def _write_shard(task: _ShardTask, on_patient: Callable[[], None]) -> tuple[str,
   name = schema.shard_name(task.split, task.index, task.count)
   path = paths.join(task.out_dir, name)
   stats = schema.ShardStats(file=name)
-  with ShardWriter(path, modalities=("cxr", "ecg")) as writer:  # the shard and its index (shard_index), so training starts without a scan
+  # The shard and its index (shard_index), so training starts without a scan.
+  with ShardWriter(path, modalities=("cxr", "ecg")) as writer:
     for patient_index in task.patients:
       for enc in patient_encounters(task.params, patient_index):
         writer.write(schema.encode_encounter(enc))

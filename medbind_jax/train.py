@@ -196,7 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if own_steps:  # before anything is written into the workdir
     refuse_old_layout(runs.workdir_path(workdir) / runs.CHECKPOINT_DIR, own_steps[-1])
   if is_main:  # what `--mode=eval` and `medbind_jax.inference` rebuild the model from
-    paths.write_text_atomic(paths.join(workdir, runs.CONFIG_FILE), config.to_json_best_effort(indent=2, sort_keys=True))
+    paths.write_text_atomic(paths.join(workdir, runs.CONFIG_FILE),
+                            config.to_json_best_effort(indent=2, sort_keys=True))
   writer = metric_writer.MetricWriter(workdir)
   rng = jax.random.key(config.seed)
 
