@@ -37,7 +37,7 @@ def add_indexes(data_dir: str, *, splits: Sequence[str] | None = None, verify: b
   unknown = sorted(set(splits or ()) - set(info["splits"]))
   if unknown:
     raise ValueError(f"{data_dir} has no split(s) {unknown}; it has {sorted(info['splits'])}")
-  needed = shard_index.dataset_codecs(info)
+  needed = shard_index.index_codecs(info.get("modalities"))
   kept, written, failed = [], {}, []
   shards = [s for split, v in info["splits"].items() if splits is None or split in splits for s in v["shards"]]
   for shard in tqdm.tqdm(shards, desc="index", unit="shard", disable=not progress):

@@ -191,14 +191,14 @@ def make_embed_fns(model: MedBind, mode: str, text_params, tokenize: text_lib.To
   process), the functions of `common.EmbedFns` with a mesh: params are global arrays (replicated or sharded as
   training left them), batches are split over every device and the results replicated to every process."""
   embed = lambda p, x, m: model.apply({"params": p}, m, x, method=MedBind.embed)
+  out = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}  # results replicated to every process
   if mesh is None:
     inputs = {m: jax.jit(functools.partial(embed, m=m)) for m in model.modalities if m != codecs.TEXT}
   else:
-    replicated = NamedSharding(mesh, P())
-    inputs = {m: jax.jit(lambda p, x, *extras, m=m: (embed(p, x, m), *extras), out_shardings=replicated)
+    inputs = {m: jax.jit(lambda p, x, *extras, m=m: (embed(p, x, m), *extras), **out)
               for m in model.modalities if m != codecs.TEXT}
     if text_params is not None:
-      text_params = jax.device_put(text_params, replicated)
+      text_params = jax.device_put(text_params, out["out_shardings"])
   fns = common.EmbedFns(inputs=inputs, text=None, batch_size=batch_size, mesh=mesh)
 
   def tokens(texts):
@@ -206,10 +206,8 @@ def make_embed_fns(model: MedBind, mode: str, text_params, tokenize: text_lib.To
     toks = tokenize(texts)
     if mesh is None:
       return toks
-    rows = NamedSharding(mesh, P(mesh.axis_names))
-    return {k: jax.make_array_from_callback(v.shape, rows, lambda i, v=v: v[i]) for k, v in toks.items()}
+    return {k: jax.make_array_from_callback(v.shape, fns.row_sharding, lambda i, v=v: v[i]) for k, v in toks.items()}
 
-  out = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
   if mode == "cached":
     trunk = text_trunk_fn(model)
     project = jax.jit(lambda p, f: model.apply({"params": p}, codecs.TEXT, f, method=MedBind.project), **out)

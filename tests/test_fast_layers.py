@@ -101,16 +101,21 @@ def test_gelu_activations_registry():
 # --- LayerNorm -------------------------------------------------------------------------------------------------
 
 
-def layer_norm_pair(x, eps, dtype=jnp.float32, seed=1):
-  """(ours, flax's) (output, (input grad, param grads)) for random non-trivial scale/bias, and those params."""
-  ours = layers.LayerNorm(epsilon=eps, dtype=dtype)
-  flax_ln = nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False)
+def module_pair(ours, reference, x, seed, offset=0.0):
+  """Checks that `ours` has the parameter tree of the flax module `reference` (names, shapes, dtypes); returns
+  [(output, (input grad, param grads)) of ours, the same of reference] with one set of random params, and those."""
   shapes = jax.eval_shape(ours.init, jax.random.key(0), x)["params"]
   assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(
-      lambda s: (s.shape, s.dtype), jax.eval_shape(flax_ln.init, jax.random.key(0), x)["params"])
-  params = random_params_like(shapes, seed, offset=1.0)
+      lambda s: (s.shape, s.dtype), jax.eval_shape(reference.init, jax.random.key(0), x)["params"])
+  params = random_params_like(shapes, seed, offset=offset)
   return [value_and_grads(lambda x_, p, m=module: m.apply({"params": p}, x_), x, params)
-          for module in (ours, flax_ln)], params
+          for module in (ours, reference)], params
+
+
+def layer_norm_pair(x, eps, dtype=jnp.float32, seed=1):
+  """(ours, flax's) (output, (input grad, param grads)) for random non-trivial scale/bias, and those params."""
+  return module_pair(layers.LayerNorm(epsilon=eps, dtype=dtype),
+                     nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False), x, seed, offset=1.0)
 
 
 @pytest.mark.parametrize("shape", [(2, 9, 16), (2, 5, 7, 24)], ids=["tokens", "map_BHWC"])
@@ -205,14 +210,8 @@ def test_conv2d_matches_lax_conv(shape, kernel_size, strides, padding):
 def test_conv_module_matches_flax_conv(shape, kernel_size, strides, padding):
   """Same parameter tree as `nn.Conv` (names, shapes), and with those params the same values and gradients."""
   x = normal(8, shape)
-  ours = layers.Conv(5, kernel_size, strides, padding)
-  flax_conv = nn.Conv(5, kernel_size, strides, padding=padding)
-  shapes = jax.eval_shape(ours.init, jax.random.key(0), x)["params"]
-  assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(
-      lambda s: s.shape, jax.eval_shape(flax_conv.init, jax.random.key(0), x)["params"])
-  params = random_params_like(shapes, 9)
-  out, grads = value_and_grads(lambda x_, p: ours.apply({"params": p}, x_), x, params)
-  ref_out, ref_grads = value_and_grads(lambda x_, p: flax_conv.apply({"params": p}, x_), x, params)
+  ((out, grads), (ref_out, ref_grads)), _ = module_pair(
+      layers.Conv(5, kernel_size, strides, padding), nn.Conv(5, kernel_size, strides, padding=padding), x, 9)
   np.testing.assert_allclose(out, ref_out, rtol=RTOL, atol=ATOL)
   assert_trees_close(grads, ref_grads, rtol=RTOL, atol=1e-5)  # kernel/bias gradients: sums as above
 
@@ -226,14 +225,8 @@ def test_patch_embed_matches_strided_conv(shape, patch_size):
   """The reshape + matmul equals the stride-p VALID `nn.Conv` (pixels beyond the last whole patch dropped, H and
   W not swapped), with the same parameter tree, in values and gradients (the dropped pixels get zero gradient)."""
   x = normal(10, shape)
-  ours = layers.PatchEmbed(8, patch_size)
   flax_conv = nn.Conv(8, (patch_size, patch_size), strides=(patch_size, patch_size), padding="VALID")
-  shapes = jax.eval_shape(ours.init, jax.random.key(0), x)["params"]
-  assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(
-      lambda s: s.shape, jax.eval_shape(flax_conv.init, jax.random.key(0), x)["params"])
-  params = random_params_like(shapes, 11)
-  out, grads = value_and_grads(lambda x_, p: ours.apply({"params": p}, x_), x, params)
-  ref_out, ref_grads = value_and_grads(lambda x_, p: flax_conv.apply({"params": p}, x_), x, params)
+  ((out, grads), (ref_out, ref_grads)), _ = module_pair(layers.PatchEmbed(8, patch_size), flax_conv, x, 11)
   assert out.shape == (shape[0], shape[1] // patch_size, shape[2] // patch_size, 8) == ref_out.shape
   np.testing.assert_allclose(out, ref_out, rtol=RTOL, atol=ATOL)
   assert_trees_close(grads, ref_grads, rtol=RTOL, atol=1e-5)  # kernel gradient: sums over B * patches

@@ -17,7 +17,7 @@ import pytest
 from data_prep import add_index, cli, runner
 from data_prep import synthetic_world as sw
 from medbind_jax.data import codecs, pipeline, schema, shard_index, tfrecord
-from tiny_data import write_tiny_dataset
+from tiny_data import flip_byte, write_tiny_dataset
 
 
 def _reference_records(data_dir: str, split: str, only: str | None = None) -> list[pipeline.RecordMeta]:
@@ -55,14 +55,6 @@ def opened(monkeypatch):
 
   monkeypatch.setattr(builtins, "open", spy)
   return paths
-
-
-def _flip_byte(path, offset):
-  with open(path, "r+b") as f:
-    f.seek(offset)
-    byte = f.read(1)
-    f.seek(offset)
-    f.write(bytes([byte[0] ^ 0x40]))
 
 
 def _old_dataset(tmp_path, **kwargs) -> str:
@@ -204,7 +196,7 @@ def test_the_add_index_command_indexes_verifies_and_reports(tmp_path, opened, ca
   # the stale index removed, so that training reads the shard again under its skip_corrupt rules.
   shard = _shards(data_dir)[1]
   second = tfrecord.scan_tfrecord(shard).frames[1]
-  _flip_byte(shard, second.offset + 5)
+  flip_byte(shard, second.offset + 5)
   assert add_index.main([data_dir, "--no-progress", "--split", "train"]) == 0  # cheap checks pass: same size
   assert add_index.main([data_dir, "--no-progress", "--split", "train", "--verify"]) == 1
   err = capsys.readouterr().err
@@ -227,7 +219,7 @@ def test_a_damaged_index_is_detected_by_name_and_rebuilt(tmp_path, caplog):
   for offset in (3, len(good) // 2, len(good) - 1):  # magic line, compressed body, checksum
     with open(index_path, "wb") as f:
       f.write(good)
-    _flip_byte(index_path, offset)
+    flip_byte(index_path, offset)
     with pytest.raises(shard_index.CorruptIndexError, match=f"damaged shard index {index_path}: CRC32C mismatch"):
       shard_index.read_index(index_path)
     caplog.clear()
@@ -261,7 +253,7 @@ def test_a_same_size_replacement_or_damage_is_caught_on_read_or_by_verify(tmp_pa
   pipeline.index_split(data_dir, "train", progress=False)
   shard = _shards(data_dir)[0]
   frames = tfrecord.scan_tfrecord(shard).frames
-  _flip_byte(shard, frames[2].offset + 9)  # inside the third record's data, after indexing
+  flip_byte(shard, frames[2].offset + 9)  # inside the third record's data, after indexing
   index = pipeline.index_split(data_dir, "train", progress=False)  # indexed: no record read, so not found here
   reader = pipeline.ExampleReader(index, {"cxr": None})
   reader.encounter(0)

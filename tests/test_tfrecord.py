@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from tiny_data import write_tiny_dataset
+from tiny_data import flip_byte, write_tiny_dataset
 from medbind_jax.data import pipeline, schema, tfrecord
 
 
@@ -100,19 +100,11 @@ def _shard_path(tmp_path, index=0):
   return os.path.join(tmp_path, schema.shard_name("train", index, 2))
 
 
-def _flip_byte(path, offset):
-  with open(path, "r+b") as f:
-    f.seek(offset)
-    byte = f.read(1)
-    f.seek(offset)
-    f.write(bytes([byte[0] ^ 0x40]))
-
-
 def test_flipped_byte_raises_with_file_and_offset(tmp_path):
   write_tiny_dataset(tmp_path)
   path = _shard_path(tmp_path)
   refs = tfrecord.scan_tfrecord(path).frames
-  _flip_byte(path, refs[1].offset + 20)  # inside the second record's data
+  flip_byte(path, refs[1].offset + 20)  # inside the second record's data
   with pytest.raises(tfrecord.CorruptRecordError) as err:
     pipeline.index_split(str(tmp_path), "train", progress=False)
   assert err.value.path == path and err.value.offset == refs[1].frame_offset
@@ -124,7 +116,7 @@ def test_flipped_byte_detected_on_read_after_indexing(tmp_path):
   write_tiny_dataset(tmp_path)
   index = pipeline.index_split(str(tmp_path), "train", progress=False)
   ref = index.records[0].ref
-  _flip_byte(ref.path, ref.offset + 3)
+  flip_byte(ref.path, ref.offset + 3)
   with pytest.raises(tfrecord.CorruptRecordError, match="data CRC"):
     tfrecord.RecordReader().read(ref)
 
@@ -144,7 +136,7 @@ def test_damaged_header_raises(tmp_path):
   write_tiny_dataset(tmp_path)
   path = _shard_path(tmp_path)
   second = tfrecord.scan_tfrecord(path).frames[1]
-  _flip_byte(path, second.frame_offset + 2)  # inside the length field
+  flip_byte(path, second.frame_offset + 2)  # inside the length field
   with pytest.raises(tfrecord.CorruptRecordError, match="length CRC"):
     pipeline.index_split(str(tmp_path), "train", progress=False)
 
@@ -164,7 +156,7 @@ def test_skip_mode_counts_and_continues(tmp_path, caplog):
   write_tiny_dataset(tmp_path)
   flipped = _shard_path(tmp_path, 0)
   refs = tfrecord.scan_tfrecord(flipped).frames
-  _flip_byte(flipped, refs[0].offset + 10)
+  flip_byte(flipped, refs[0].offset + 10)
   truncated = _shard_path(tmp_path, 1)
   last = tfrecord.scan_tfrecord(truncated).frames[-1]
   with open(truncated, "r+b") as f:

@@ -38,3 +38,12 @@ def write_tiny_dataset(out_dir, num_records=6, num_shards=2, seed=0, splits=("tr
       shards[split].append(stats)
   schema.write_dataset_info(out_dir, name="tiny", shards=shards, label_names={"cxr": ["a"], "ecg": ["b"]})
   return first
+
+
+def flip_byte(path, offset):
+  """Damages one byte of a file in place (flips bit 6), as a storage fault would."""
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    byte = f.read(1)
+    f.seek(offset)
+    f.write(bytes([byte[0] ^ 0x40]))

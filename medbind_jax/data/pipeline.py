@@ -112,7 +112,7 @@ def index_split(data_dir: str, split: str, *, skip_corrupt: bool = False, progre
   if split not in info["splits"]:
     raise ValueError(f"{data_dir} has no split {split!r}; it has {sorted(info['splits'])}")
   shards = info["splits"][split]["shards"]
-  needed = shard_index.dataset_codecs(info)
+  needed = shard_index.index_codecs(info.get("modalities"))
   registered = set(codecs.names())
   records: list[RecordMeta] = []
   skipped: list[tuple[str, int, str]] = []

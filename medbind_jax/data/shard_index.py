@@ -231,12 +231,6 @@ def load_index(shard_path: str | os.PathLike, index_path: str | os.PathLike, *, 
   return (None, f"{index_path} does not match {shard_path}: {why}") if why else (index, None)
 
 
-def dataset_codecs(info: Mapping[str, Any]) -> list[str]:
-  """The registered codecs whose modality a dataset's records may hold (dataset_info `modalities`): an index made
-  without one of them is incomplete for this process."""
-  return list(index_codecs(info.get("modalities")))
-
-
 class ShardWriter:
   """Writes a shard (`tfrecord.TFRecordWriter`: temporary file renamed on a clean close) and, once it is in place,
   its index beside it. `write(data, entry)`: `entry` is `record_entry(data)` when not given (a caller that

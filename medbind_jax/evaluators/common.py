@@ -44,9 +44,14 @@ class EmbedFns:
       return self.batch_size
     return -(-self.batch_size // self.mesh.size) * self.mesh.size
 
+  @property
+  def row_sharding(self) -> NamedSharding:
+    """Batch rows split over every device of the mesh."""
+    return NamedSharding(self.mesh, P(self.mesh.axis_names))
+
   def rows(self, local: np.ndarray) -> jax.Array:
     """A global array [global_batch, ...] from this process's consecutive block of rows."""
-    return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P(self.mesh.axis_names)), local)
+    return jax.make_array_from_process_local_data(self.row_sharding, local)
 
   def texts(self, params, texts: list[str]) -> np.ndarray:
     """Embeds any number of texts in fixed-size (padded) batches."""
