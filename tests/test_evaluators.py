@@ -224,6 +224,100 @@ def test_few_shot_multiclass_drops_classes_without_examples_and_stops_at_the_rar
   assert curves[1].shots == ran and curves[1].chance == pytest.approx(1 / 3)
 
 
+# Two class directions shared by every split below (one embedding space, as one model's).
+_DIRECTIONS = _unit(np.random.default_rng(99).normal(size=(2, D)))
+
+
+def _binary_split(rng, n, positives, split):
+  """A one-label CXR split with `positives` findings, embedded along `_DIRECTIONS`; one patient per record."""
+  labels = np.zeros((n, 1), np.float32)
+  labels[rng.choice(n, positives, replace=False), 0] = 1.0
+  direction = _DIRECTIONS
+  emb = _unit(direction[labels[:, 0].astype(int)] + 0.1 * rng.normal(size=(n, D)))
+  data = FakeData({"cxr": ["finding"], "ecg": []}, {"cxr": emb}, {"cxr": labels},
+                  [f"{split}{i}" for i in range(n)])
+  data.index = types.SimpleNamespace(split=split, data_dir="constructed")
+  return data
+
+
+def _record_probe_calls(monkeypatch):
+  calls = []
+  fit, predict = few_shot.metrics.ridge_probe_fit, few_shot.metrics.ridge_probe_predict
+  monkeypatch.setattr(few_shot.metrics, "ridge_probe_fit",
+                      lambda x, y, *a: calls.append(("fit", x, y)) or fit(x, y, *a))
+  monkeypatch.setattr(few_shot.metrics, "ridge_probe_predict",
+                      lambda x, *a: calls.append(("predict", x, None)) or predict(x, *a))
+  return calls
+
+
+def test_few_shot_support_from_the_training_split_reaches_every_k_and_queries_every_record(monkeypatch):
+  rng = np.random.default_rng(4)
+  proto = protocol.Protocol("none", {}, (), ())
+  test = _binary_split(rng, 300, positives=3, split="test")  # a rare finding: 3 examples in the evaluated split
+  train = _binary_split(rng, 400, positives=120, split="train")
+  alone = few_shot.FewShotEvaluator(test, proto, seeds=3)
+  results = alone.run(None)
+  assert "few_shot/cxr/finding/2-shot/auroc_mean" in results and "few_shot/cxr/finding/4-shot/auroc_mean" not in results
+  assert any("at 4 shots: the rarest class has 3 example(s)" in n for n in alone.notes)
+
+  calls = _record_probe_calls(monkeypatch)
+  evaluator = few_shot.FewShotEvaluator(test, proto, support=train, seeds=3)
+  results = evaluator.run(None)
+  for k in (1, 2, 4, 8, 16):  # every k, though the evaluated split has 3 positives
+    assert results[f"few_shot/cxr/finding/{k}-shot/auroc_mean"] > 0.99
+  assert results["few_shot/cxr/finding/num_queries"] == 300
+  train_rows = {r.tobytes() for r in train.modality(None, "cxr").emb}
+  test_rows = test.modality(None, "cxr").emb
+  fits = [(x, y) for kind, x, y in calls if kind == "fit"]
+  predicts = [x for kind, x, _ in calls if kind == "predict"]
+  assert len(fits) == len(predicts) == 5 * 3
+  for (x, y), query in zip(fits, predicts):
+    assert all(r.tobytes() in train_rows for r in x)  # the support: training records only
+    assert np.bincount(y, minlength=2).tolist() == [len(x) // 2] * 2  # k per class
+    np.testing.assert_array_equal(query, test_rows)  # the queries: the whole evaluated split
+  assert "support drawn from split `train` (400 cxr, 0 ecg records)" in evaluator.table(results)
+
+  scarce = _binary_split(np.random.default_rng(5), 400, positives=10, split="train")
+  evaluator = few_shot.FewShotEvaluator(test, proto, support=scarce, seeds=2)
+  results = evaluator.run(None)
+  assert "few_shot/cxr/finding/8-shot/auroc_mean" in results
+  assert "few_shot/cxr/finding/16-shot/auroc_mean" not in results
+  assert any("at 16 shots: the support split (train) has [390, 10] examples per class" in n for n in evaluator.notes)
+
+
+def test_linear_probe_fits_stratified_label_fractions_of_the_support_split(monkeypatch):
+  rng = np.random.default_rng(6)
+  proto = protocol.Protocol("none", {}, (), ())
+  test = _binary_split(rng, 200, positives=60, split="test")
+  train = _binary_split(rng, 1000, positives=300, split="train")
+  calls = _record_probe_calls(monkeypatch)
+  balanced = []
+  fit = few_shot.metrics.ridge_probe_fit
+  monkeypatch.setattr(few_shot.metrics, "ridge_probe_fit",
+                      lambda x, y, c, l2, w=None: balanced.append(w is not None) or fit(x, y, c, l2, w))
+  evaluator = few_shot.LinearProbeEvaluator(test, proto, support=train, fractions=(1.0, 0.01, 0.1), seeds=3)
+  results = evaluator.run(None)
+  sizes = [np.bincount(y, minlength=2).tolist() for kind, _, y in calls if kind == "fit"]
+  # Per seed at 1% and 10% (classes drawn in proportion, at least one each); one fit on everything at 100%.
+  assert sizes == [[7, 3]] * 3 + [[70, 30]] * 3 + [[700, 300]]
+  assert balanced == [True] * 7  # imbalanced supports are fitted with class-balanced errors
+  for pct in ("1pct", "10pct", "100pct"):
+    assert results[f"linear_probe/cxr/finding/{pct}/auroc_mean"] > 0.99
+    assert results[f"linear_probe/cxr/macro/{pct}/auroc_mean"] == results[f"linear_probe/cxr/finding/{pct}/auroc_mean"]
+  assert results["linear_probe/cxr/finding/100pct/auroc_std"] == 0.0
+  assert results["linear_probe/cxr/finding/num_queries"] == 200
+  draws = [x for kind, x, _ in calls if kind == "fit"][:3]
+  assert not np.array_equal(draws[0], draws[1])  # seeds draw different subsets
+
+  rare = _binary_split(rng, 1000, positives=2, split="train")  # 1% of 2 positives still keeps one
+  calls.clear()
+  few_shot.LinearProbeEvaluator(test, proto, support=rare, fractions=(0.01,), seeds=1).run(None)
+  assert [np.bincount(y, minlength=2).tolist() for kind, _, y in calls if kind == "fit"] == [[10, 1]]
+
+  alone = few_shot.LinearProbeEvaluator(test, proto, support=None)
+  assert alone.run(None) == {} and "support_split" in alone.notes[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Cross-modal
 # ---------------------------------------------------------------------------------------------------------------------
@@ -364,7 +458,8 @@ def test_protocol_and_suite_reject_bad_input_with_clear_messages(tmp_path):
   with pytest.raises(FileNotFoundError, match="synthetic_v1"):
     protocol.load("no_such_protocol")
   cfg = types.SimpleNamespace(evaluators=("retrieval", "zero_shoot"), protocol="synthetic_v1")
-  with pytest.raises(ValueError, match=r"zero_shoot.*known: \['cross_modal', 'few_shot', 'retrieval', 'zero_shot'\]"):
+  known = r"\['cross_modal', 'few_shot', 'linear_probe', 'retrieval', 'zero_shot'\]"
+  with pytest.raises(ValueError, match=r"zero_shoot.*known: " + known):
     evaluators.build(cfg, data=None)
 
 

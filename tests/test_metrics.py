@@ -215,6 +215,28 @@ def test_ridge_probe_matches_sklearn_ridge(num_examples, dim):
   np.testing.assert_array_equal(pred, scores.argmax(axis=1))
 
 
+@pytest.mark.parametrize("num_examples,dim", [(60, 5), (9, 25)])
+def test_weighted_ridge_probe_matches_sklearn_with_sample_weight(num_examples, dim):
+  linear_model = pytest.importorskip("sklearn.linear_model")
+  rng = np.random.default_rng(6)
+  num_classes, l2 = 3, 0.4
+  x = rng.normal(size=(num_examples, dim)) + 1.5
+  y = np.minimum(rng.geometric(0.5, size=num_examples) - 1, num_classes - 1)  # imbalanced classes
+  y[:num_classes] = np.arange(num_classes)
+  w = metrics.balanced_weights(y, num_classes)
+  counts = np.bincount(y, minlength=num_classes)
+  np.testing.assert_allclose(np.bincount(y, weights=w, minlength=num_classes), num_examples / num_classes)
+  assert w.mean() == pytest.approx(1.0) and counts.min() < counts.max()
+  weights, bias = metrics.ridge_probe_fit(x, y, num_classes, l2, w)
+  reference = linear_model.Ridge(alpha=l2, fit_intercept=True).fit(x, np.eye(num_classes)[y], sample_weight=w)
+  np.testing.assert_allclose(weights, reference.coef_.T, atol=1e-9)
+  np.testing.assert_allclose(bias, reference.intercept_, atol=1e-9)
+  unweighted = metrics.ridge_probe_fit(x, y, num_classes, l2)[0]
+  assert not np.allclose(weights, unweighted)  # the weights change the fit
+  with pytest.raises(ValueError, match="sample_weight"):
+    metrics.ridge_probe_fit(x, y, num_classes, l2, -w)
+
+
 @pytest.mark.parametrize("num_examples,dim", [(40, 6), (8, 30)])
 def test_ridge_probe_satisfies_optimality_conditions(num_examples, dim):
   rng = np.random.default_rng(5)

@@ -85,12 +85,14 @@ def process_rows(records: np.ndarray, global_batch: int, process_index: int, pro
   return padded.reshape(num_batches, process_count, per_process)[:, process_index].reshape(-1)
 
 
-def embed_split(fns: EmbedFns, params, index: pipeline.SplitIndex, modality: str, spec) -> ModalityEmbeddings:
-  """Embeddings of every `modality` record of `index` (`spec`: the codec's preprocessing); with `fns.mesh`,
-  each process reads and embeds its share and every process gets all of them."""
+def embed_split(fns: EmbedFns, params, index: pipeline.SplitIndex, modality: str, spec,
+                records: np.ndarray | None = None) -> ModalityEmbeddings:
+  """Embeddings of the `modality` records of `index` (`records`: record numbers, default all that have it; `spec`:
+  the codec's preprocessing); with `fns.mesh`, each process reads and embeds its share and every process gets all
+  of them."""
   fn = fns.inputs[modality]
   parts: dict[str, list] = {"emb": [], "index": [], "text_key": [], "labels": []}
-  records = index.pool(modality)
+  records = index.pool(modality) if records is None else records
   if not len(records):
     raise ValueError(f"{index.data_dir}/{index.split} has no {modality} records to evaluate")
   if fns.mesh is None:
@@ -113,13 +115,21 @@ def embed_split(fns: EmbedFns, params, index: pipeline.SplitIndex, modality: str
   return ModalityEmbeddings(**{k: np.concatenate(v) for k, v in parts.items()})
 
 
-def unique_texts(index: pipeline.SplitIndex, modality: str) -> tuple[list[str], np.ndarray]:
-  """The split's distinct `modality` reports (one representative per normalised text) and their keys."""
+def subsample(records: np.ndarray, max_records: int) -> np.ndarray:
+  """`records` when `max_records` <= 0 or there are no more; else a fixed random subset (seed 0) in order."""
+  if max_records <= 0 or len(records) <= max_records:
+    return records
+  return np.sort(np.random.default_rng(0).choice(records, max_records, replace=False))
+
+
+def unique_texts(index: pipeline.SplitIndex, modality: str,
+                 records: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
+  """The distinct `modality` reports (one representative per normalised text) of the split (or of its `records`)
+  and their keys."""
   seen: dict[str, str] = {}
-  for record in index.records:
-    if record.has(modality):
-      text = record.reports[modality]
-      seen.setdefault(preprocess.normalize_text(text), text)
+  for i in (index.pool(modality) if records is None else records):
+    text = index.records[int(i)].reports[modality]
+    seen.setdefault(preprocess.normalize_text(text), text)
   texts = list(seen.values())
   keys = np.stack([preprocess.text_key(t) for t in texts]) if texts else np.zeros((0, 2), np.int32)
   return texts, keys
@@ -167,14 +177,16 @@ class SplitEmbedder:
   """
 
   def __init__(self, fns: EmbedFns, index: pipeline.SplitIndex, specs: Mapping[str, Any], *,
-               report_modalities: Sequence[str] | None = None):
+               report_modalities: Sequence[str] | None = None, max_records: int = 0):
     """`specs`: modality -> codec preprocessing spec, for the input modalities to evaluate;
-    `report_modalities`: those whose reports the model embeds (default: all of them)."""
+    `report_modalities`: those whose reports the model embeds (default: all of them); `max_records` > 0: at most
+    that many records per modality, a fixed random subset (seed 0) kept in index order."""
     self.fns, self.index, self.specs = fns, index, dict(specs)
     self.modalities = sorted(self.specs)
     self.report_modalities = self.modalities if report_modalities is None else sorted(report_modalities)
     self.label_names = {m: schema.label_names(index.info, m) for m in self.modalities}
-    self.num_records = {m: len(index.pool(m)) for m in self.modalities}
+    self.pools = {m: subsample(index.pool(m), max_records) for m in self.modalities}
+    self.num_records = {m: len(self.pools[m]) for m in self.modalities}
     self._params, self._cache = None, {}
 
   def _cached(self, params, key, compute):
@@ -187,12 +199,12 @@ class SplitEmbedder:
   def modality(self, params, modality: str) -> ModalityEmbeddings:
     """Embeddings, record numbers, report keys and labels of every record with `modality`, in index order."""
     return self._cached(params, ("modality", modality), lambda: embed_split(
-        self.fns, params, self.index, modality, self.specs[modality]))
+        self.fns, params, self.index, modality, self.specs[modality], self.pools[modality]))
 
   def reports(self, params, modality: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The split's distinct `modality` reports, their text keys [G, 2] and embeddings [G, d]."""
+    """The distinct `modality` reports of the records evaluated, their text keys [G, 2] and embeddings [G, d]."""
     def compute():
-      texts, keys = unique_texts(self.index, modality)
+      texts, keys = unique_texts(self.index, modality, self.pools[modality])
       return texts, keys, self.fns.texts(params, texts)
     return self._cached(params, ("reports", modality), compute)
 

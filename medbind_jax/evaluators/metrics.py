@@ -333,7 +333,8 @@ def sample_few_shot(labels: np.ndarray, k: int, seed: int, num_classes: int | No
   return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def ridge_probe_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float) -> tuple[np.ndarray, np.ndarray]:
+def ridge_probe_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
+                    sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Closed-form ridge regression from features to one-hot class targets, with an unpenalised bias.
 
   Ridge rather than logistic regression: one exact linear solve per (k, seed), no iterations, learning rate or
@@ -342,13 +343,16 @@ def ridge_probe_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float) -
   The bias is removed by centring: with x_c = x - mean(x) and t_c = onehot(y) - mean(onehot(y)),
   W = argmin |x_c W - t_c|^2 + l2 |W|^2 and b = mean(t) - mean(x) W (scikit-learn's `Ridge(fit_intercept=True)`).
   W is found from the smaller system: primal (x_c^T x_c + l2 I_D) W = x_c^T t_c when D <= N, otherwise the dual
-  W = x_c^T A with (x_c x_c^T + l2 I_N) A = t_c; both give the same W by the push-through identity.
+  W = x_c^T A with (x_c x_c^T + l2 I_N) A = t_c; both give the same W by the push-through identity. With
+  `sample_weight` w the squared errors are weighted (scikit-learn's `sample_weight`): the means are w-weighted and
+  the rows of x_c and t_c scaled by sqrt(w) before the same solve.
 
   Args:
     x: [N, D] float features.
     y: [N] integer labels in [0, num_classes).
     num_classes: C.
     l2: ridge penalty, > 0 (the centred Gram matrix is singular for few shots).
+    sample_weight: optional [N] positive weights of the examples' squared errors (e.g. `balanced_weights`).
 
   Returns:
     W: [D, C] float64 weights.
@@ -366,10 +370,18 @@ def ridge_probe_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float) -
     raise ValueError(f"l2 must be > 0, got {l2}.")
   num_examples, dim = x.shape
   targets = np.eye(num_classes)[y]
-  x_mean = x.mean(axis=0)
-  target_mean = targets.mean(axis=0)
-  x_centred = x - x_mean
-  targets_centred = targets - target_mean
+  if sample_weight is None:
+    x_mean = x.mean(axis=0)
+    target_mean = targets.mean(axis=0)
+    x_centred = x - x_mean
+    targets_centred = targets - target_mean
+  else:
+    w = np.asarray(sample_weight, np.float64)
+    if w.shape != (num_examples,) or not np.all(w > 0):
+      raise ValueError(f"sample_weight must be [{num_examples}] positive weights, got shape {w.shape}.")
+    x_mean, target_mean = w @ x / w.sum(), w @ targets / w.sum()
+    root = np.sqrt(w)[:, None]
+    x_centred, targets_centred = root * (x - x_mean), root * (targets - target_mean)
   if dim <= num_examples:
     weights = np.linalg.solve(x_centred.T @ x_centred + l2 * np.eye(dim), x_centred.T @ targets_centred)
   else:
@@ -377,6 +389,14 @@ def ridge_probe_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float) -
     weights = x_centred.T @ dual
   bias = target_mean - x_mean @ weights
   return weights, bias
+
+
+def balanced_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
+  """[N] weights N / (C * count(class)) (scikit-learn's class_weight='balanced'): every class weighs the same in
+  total, so a probe fitted on imbalanced data is not pulled to the majority class (mean weight 1)."""
+  counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+  present = counts > 0
+  return (len(y) / (present.sum() * counts[y])).astype(np.float64)
 
 
 def ridge_probe_predict(x: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -27,6 +27,7 @@ from medbind_jax.evaluators import protocol as protocol_lib
 METRICS_FILE, REPORT_FILE = "metrics.json", "report.md"
 MAP_FILE, FEW_SHOT_FILE = "embedding_map.png", "few_shot_curves.png"
 _TITLES = {"retrieval": "Retrieval", "zero_shot": "Zero-shot classification", "few_shot": "Few-shot linear probe",
+           "linear_probe": "Linear probe on label fractions",
            "cross_modal": "CXR<->ECG cross-modal zero-shot classification"}
 _OTHER = "other"
 _REPORT = " report"  # suffix of a modality's report group in the map
@@ -84,6 +85,72 @@ def markdown(results: Mapping[str, float], *, step, evaluators: Mapping, data: c
   if figures:
     parts += ["", "## Plots", ""] + [f"![{title}]({file})\n" for title, file in figures]
   return "\n".join(parts).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several evaluation datasets
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def aggregate(per_dataset: Mapping[str, Mapping[str, float]], ks=(1, 5, 10)) -> dict[str, float]:
+  """The paper's modality aggregate: for each modality M retrieved against text, the RSUM of its two directions
+  (M->text and text->M, R@K summed over `ks`, in percent) summed over the datasets that have both.
+
+  {'aggregate/<m>_text_rsum': total, 'aggregate/<m>_text_rsum/<dataset>': one dataset's part,
+   'aggregate/<m>_text_rsum/num_datasets': how many contributed}."""
+  out: dict[str, float] = {}
+  for name, results in per_dataset.items():
+    modalities = sorted({k.split("/")[1][:-len("_to_text")] for k in results
+                         if k.startswith("retrieval/") and k.split("/")[1].endswith("_to_text")})
+    for m in modalities:
+      keys = [f"retrieval/{d}/R@{k}" for d in (f"{m}_to_text", f"text_to_{m}") for k in ks]
+      if all(key in results for key in keys):
+        part = 100.0 * sum(results[key] for key in keys)
+        base = f"aggregate/{m}_text_rsum"
+        out[f"{base}/{name}"] = part
+        out[base] = out.get(base, 0.0) + part
+        out[f"{base}/num_datasets"] = out.get(f"{base}/num_datasets", 0.0) + 1.0
+  return out
+
+
+def aggregate_table(results: Mapping[str, float]) -> str:
+  """Markdown: each modality's aggregate RSUM and the datasets it sums."""
+  totals = sorted(k for k in results if k.startswith("aggregate/") and k.count("/") == 1)
+  if not totals:
+    return "No evaluation dataset has modality<->text retrieval: no aggregate RSUM."
+  lines = ["| modality<->text | total RSUM | datasets (RSUM each) |", "|---|---:|---|"]
+  for key in totals:
+    parts = {k[len(key) + 1:]: v for k, v in results.items() if k.startswith(key + "/") and
+             not k.endswith("/num_datasets")}
+    modality = key.split("/")[1][:-len("_text_rsum")]
+    lines.append(f"| {modality} | {results[key]:.1f} | " + ", ".join(f"{n} ({v:.1f})" for n, v in parts.items()) + " |")
+  return "\n".join(lines)
+
+
+def write_multi(out_dir: str, results: Mapping[str, float], per_dataset: Mapping[str, Mapping[str, float]],
+                suites: Mapping, *, step: int | None) -> list[str]:
+  """The combined report of several evaluation datasets in `out_dir`: metrics.json (every dataset's metrics under
+  its name, and the aggregates) and report.md (the aggregate, then each dataset's summary with a link to its own
+  report in `<name>/report.md`)."""
+  paths.makedirs(out_dir)
+  written = [paths.join(out_dir, METRICS_FILE), paths.join(out_dir, REPORT_FILE)]
+  paths.write_text_atomic(written[0], json.dumps({"step": step, **results}, indent=2, sort_keys=True))
+  parts = [f"# MEDBind evaluation{f' at step {step}' if step is not None else ''}: {len(suites)} datasets", "",
+           "Every number is in `metrics.json`, each dataset's under its name.", "",
+           "## Aggregate RSUM", "",
+           "Each modality's retrieval against text (M->text and text->M, R@" + "+R@".join(
+               str(k) for k in next(iter(suites.values())).ks) + ", in %) summed over the datasets that have it.",
+           "", aggregate_table(results)]
+  for name, suite in suites.items():
+    index, data = suite.data.index, suite.data
+    parts += ["", f"## {name}", "",
+              f"Split `{index.split}` of `{index.data_dir}`: "
+              + ", ".join(f"{data.num_records[m]} {m}" for m in data.modalities)
+              + f" records; protocol `{suite.protocol.version}`. "
+              f"Full report: [{name}/report.md]({name}/{REPORT_FILE}).",
+              "", suite.summary_table(per_dataset[name])]
+  paths.write_text_atomic(written[1], "\n".join(parts).rstrip() + "\n")
+  return written
 
 
 # ---------------------------------------------------------------------------------------------------------------------
