@@ -20,10 +20,15 @@ which runs, for i in 0 and 1,
 
 CPU processes exchange collectives through gloo (set here when JAX_PLATFORMS=cpu and --num_processes > 1, unless
 JAX_CPU_COLLECTIVES_IMPLEMENTATION says otherwise).
+
+A mistake in the config (`medbind_jax.config_check`: missing data dir, unknown encoder or modality, an edge the data
+cannot train, a batch size the devices cannot split, ...) stops the run before any work: its message alone (no
+traceback) goes to stderr and the exit status is 2.
 """
 
 import logging
 import os
+import sys
 
 import jax
 from absl import app, flags
@@ -80,16 +85,37 @@ def main(argv):
   del argv
   if FLAGS.multihost:
     _initialize_distributed()
-  from medbind_jax import train  # after initialize: nothing may touch a backend before it
+  from medbind_jax import config_check, train  # after initialize: nothing may touch a backend before it
 
   absl_logging.set_verbosity(absl_logging.WARNING)  # libraries' INFO chatter (e.g. every orbax write) off
   logging.getLogger("medbind_jax").setLevel(logging.INFO)
   logging.getLogger("data_prep").setLevel(logging.INFO)
-  if FLAGS.mode == "eval":
-    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
-  else:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, stop_after_step=FLAGS.stop_after_step)
+  try:
+    if FLAGS.mode == "eval":
+      train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+    else:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir, stop_after_step=FLAGS.stop_after_step)
+  except config_check.ConfigError as err:
+    # A config mistake, found before any work: the message says what and how to fix it; a traceback adds nothing.
+    print(err, file=sys.stderr, flush=True)
+    sys.exit(2)  # SystemExit passes through absl's app.run without a traceback
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, except that a config file whose get_config raised (e.g. an unknown `edges=` name in
+  `--config=configs/medbind.py:...`) prints that error's own message alone, not the traceback ml_collections
+  embeds in the flag error, and exits with status 2 like any other config mistake."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as err:
+    if "Error whilst parsing config file" in str(err):
+      lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+      print(f"--config: {lines[-1]}", file=sys.stderr, flush=True)
+      sys.exit(2)
+    print(f"FATAL Flags parsing error: {err}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr,
+          flush=True)  # absl's own wording (app.parse_flags_with_usage)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -27,10 +27,10 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from medbind_jax import evaluators, losses, metric_writer, optim, paths, runs, sharding, steps
-from medbind_jax.data import codecs, pipeline
+from medbind_jax import config_check, evaluators, losses, metric_writer, optim, paths, runs, sharding, steps
+from medbind_jax.data import codecs, mixture, pipeline
 from medbind_jax.data import text as text_lib
-from medbind_jax.evaluators import common, retrieval
+from medbind_jax.evaluators import common
 from medbind_jax.model import MedBind, build_model
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,26 @@ def prepare_data(config) -> str:
       synthetic_world.ensure_world(data_dir, params, workers=config.data.synthetic.get("workers"))
     multihost_utils.sync_global_devices("synthetic world ready")
   return data_dir
+
+
+def load_sources(config, edges, layout: pipeline.Layout, *, seed: int, progress: bool = True):
+  """(one SplitIndex over the training sources, pools or None, [(source, first record number)]).
+
+  The sources are `config.data.sources` (`mixture.sources_from_config`), or data.dir's train split alone; for
+  one source the pools are left to `pipeline.train_dataset` (None), for several they are `mixture.mixed_pools`."""
+  sources = mixture.sources_from_config(config.data)
+  indexes = [pipeline.index_split(s.dir, s.split, skip_corrupt=config.data.skip_corrupt, progress=progress)
+             for s in sources]
+  index, offsets = mixture.combine(indexes)
+  if len(sources) == 1 and not config.data.get("sources"):
+    return index, None, [(sources[0], 0)]
+  per_source = [mixture.source_pools(i, layout) for i in indexes]
+  mixture.check_sources(sources, per_source, edges, layout, config.data.linked_per_batch)
+  pools = mixture.mixed_pools(sources, per_source, offsets, edges, layout, seed)
+  for source, own in zip(sources, per_source):
+    log.info("source %s (%s/%s): %s", source.label, source.dir, source.split,
+             ", ".join(f"{len(v)} {'linked' if k == mixture.LINKED else k}" for k, v in own.items()))
+  return index, pools, list(zip(sources, offsets))
 
 
 def build_text_table(model: MedBind, text_params, trunk_fingerprint: str, texts: list[str],
@@ -189,7 +209,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     stop_after_step: stop right after this step without saving, as a pre-emption would (used by the tests).
   Returns:
     The final evaluation metrics (also in workdir/metrics.json), or None when stopped early.
+  Raises:
+    config_check.ConfigError: a mistake in `config` (batch size, edges, towers, data dir, ...), before anything is
+      written or generated.
   """
+  config_check.check(config)
   paths.makedirs(workdir)
   is_main = jax.process_index() == 0
   own_steps = runs.checkpoint_steps(workdir)
@@ -207,23 +231,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = sharding.make_mesh(config.get("mesh", {}))
   data_sharding = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
-  n, m = config.data.batch_size, config.data.linked_per_batch
-  if n % jax.device_count():
-    raise ValueError(f"data.batch_size={n} must be divisible by the number of devices ({jax.device_count()})")
-  microbatches = int(config.optim.get("microbatches", 1))
-  if microbatches < 1 or (n // jax.device_count()) % microbatches:
-    raise ValueError(f"optim.microbatches={microbatches} must divide the {n // jax.device_count()} rows per device "
-                     f"(data.batch_size={n} over {jax.device_count()} devices)")
+  n, m = config.data.batch_size, config.data.linked_per_batch  # checked against the devices by config_check
 
   # ---- Input -----------------------------------------------------------------------------------------------------
   # The loss edges decide what a batch holds: rows of every modality they use, the reports of the tmcl edges'
   # modalities, and a mask of linked rows per pair edge.
   edges = runs.edges(config)
   layout = pipeline.Layout.from_edges(edges)
-  data_dir = prepare_data(config)
-  train_index = pipeline.index_split(data_dir, config.data.train_split, skip_corrupt=config.data.skip_corrupt,
-                                     progress=is_main)
+  prepare_data(config)
   batch_spec = pipeline.BatchSpec(n, m, jax.process_index(), jax.process_count(), shards=jax.local_device_count())
+  # One source (data.dir) or a mixture (data.sources): one index over every source's records, and each pool drawn
+  # from the sources that have it.
+  train_index, pools, _ = load_sources(config, edges, layout, seed=config.seed, progress=is_main)
 
   # ---- Model -----------------------------------------------------------------------------------------------------
   model, pretrained = build_model(config)
@@ -243,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     text_inputs = tokenize
   dataset = pipeline.train_dataset(train_index, text_inputs, batch_spec, layout, specs=runs.data_specs(config),
-                                   seed=config.seed, augment=config.data.augment)
+                                   seed=config.seed, augment=config.data.augment, pools=pools)
   train_iter = pipeline.train_iterator(dataset, num_threads=config.data.num_threads, prefetch=config.data.prefetch)
 
   # ---- Optimiser, state and update step --------------------------------------------------------------------------
@@ -355,30 +374,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return {**eval_results, "step": float(config.total_steps)}
 
 
-def make_eval_suite(config, model: MedBind, text_mode: str, text_params, tokenize, mesh) -> evaluators.Suite:
-  """The evaluators `config.eval.evaluators` names, over `config.data.eval_split` (indexed once). The split is
-  embedded across every device of `mesh` (every process reads and embeds its share; `common.embed_split`), the
-  metrics computed on every process from the gathered embeddings."""
-  index = pipeline.index_split(config.data.dir, config.data.eval_split, skip_corrupt=config.data.skip_corrupt,
-                               progress=jax.process_index() == 0)
+def make_eval_suite(config, model: MedBind, text_mode: str, text_params, tokenize,
+                    mesh) -> evaluators.Suite | evaluators.MultiSuite:
+  """The evaluators `config.eval.evaluators` names, over each evaluation dataset (`config_check.eval_datasets`: a
+  Suite for the one default dataset, a MultiSuite for config.eval.datasets), each split indexed once; probes fit
+  on the dataset's `support_split` (config.eval.support_split; '': the evaluated split itself). Splits are embedded
+  across every device of `mesh` (every process reads and embeds its share; `common.embed_split`), the metrics
+  computed on every process from the gathered embeddings."""
   fns = runs.make_embed_fns(model, text_mode, text_params, tokenize, config.eval.batch_size, mesh=mesh)
   edges = runs.edges(config)
-  data = common.SplitEmbedder(fns, index, runs.data_specs(config),
-                              report_modalities=[e.modality for e in edges if e.uses_text])
-  return evaluators.build(config.eval, data, edges)
+  specs = runs.data_specs(config)
+  progress = jax.process_index() == 0
+  suites = {}
+  for entry in config_check.eval_datasets(config):
+    index = pipeline.index_split(entry["dir"], entry["split"], skip_corrupt=config.data.skip_corrupt,
+                                 progress=progress)
+    data = common.SplitEmbedder(fns, index, specs, report_modalities=[e.modality for e in edges if e.uses_text])
+    support = None
+    if entry["support_split"]:
+      fix = (f"The few-shot and linear probes fit on support_split={entry['support_split']!r}: name a split the "
+             "data has records in, or '' to draw few-shot support from the evaluated split itself "
+             "(config.eval.support_split, or the dataset's entry in config.eval.datasets)")
+      try:
+        support_index = pipeline.index_split(entry["dir"], entry["support_split"],
+                                             skip_corrupt=config.data.skip_corrupt, progress=progress)
+      except ValueError as e:
+        raise ValueError(f"{e}. {fix}") from None
+      support = common.SplitEmbedder(fns, support_index, specs,
+                                     max_records=int(config.eval.get("max_support_records", 0)))
+      if not any(support.num_records[m] for m in data.modalities if data.num_records[m]):
+        raise ValueError(f"{entry['dir']} has no split {entry['support_split']!r} records of the modalities it "
+                         f"evaluates ({[m for m in data.modalities if data.num_records[m]]}). {fix}")
+    suites[entry["name"]] = evaluators.build(config.eval, data, edges, support=support, protocol=entry["protocol"])
+  return suites[""] if "" in suites else evaluators.MultiSuite(suites)
 
 
-def evaluate(config, workdir: str, suite: evaluators.Suite, params, step: int) -> dict[str, float]:
+def evaluate(config, workdir: str, suite: evaluators.Suite | evaluators.MultiSuite, params,
+             step: int) -> dict[str, float]:
   """Runs `suite` on `params`. Process 0 prints the headline numbers and writes workdir/eval/ (metrics.json,
   report.md, plots) and workdir/metrics.json."""
   is_main = jax.process_index() == 0
   results = suite.run(params, report_dir=paths.join(workdir, "eval") if is_main else None, step=step)
   if is_main:
-    print(f"\nEvaluation on {config.data.eval_split} at step {step} (all numbers: "
-          f"{paths.join(workdir, 'eval', 'report.md')}):\n{suite.summary_table(results)}", flush=True)
-    if "retrieval" in suite.evaluators:
-      print(f"\nRetrieval on {config.data.eval_split} (R@K in %, chance level in brackets):\n"
-            + retrieval.format_table(results, ks=config.eval.ks), flush=True)
+    where = (f"on {suite.data.index.split}" if isinstance(suite, evaluators.Suite)
+             else f"of {len(suite.suites)} datasets")
+    print(f"\nEvaluation {where} at step {step} (all numbers: {paths.join(workdir, 'eval', 'report.md')}):\n"
+          f"{suite.printed(results)}", flush=True)
     paths.write_text_atomic(paths.join(workdir, "metrics.json"), json.dumps(results, indent=2, sort_keys=True))
   return results
 
@@ -396,6 +437,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   else:
     log.warning("%s has no config.json: rebuilding the model from --config as given", workdir)
     run_config = config
+  config_check.check(run_config, training=False)  # before the world is generated or anything is written
   if not runs.checkpoint_steps(workdir):
     raise FileNotFoundError(f"no finished checkpoint in {paths.join(workdir, runs.CHECKPOINT_DIR)}: train there "
                             "first (--mode=train)")

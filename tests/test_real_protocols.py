@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -28,7 +29,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import real_layouts as L
-from data_prep import chexpert5x200, cli, cpsc2018, mimic, mimic_cxr, mimic_ecg, ptbxl
+from data_prep import chexpert5x200, cli, cpsc2018, mimic, mimic_cxr, mimic_ecg, openi, ptbxl
 from data_prep import synthetic_world as world
 from medbind_jax.evaluators import protocol as protocol_lib
 
@@ -45,6 +46,7 @@ CONVERTER_LABELS = {
     "mimic_v1": mimic.SPEC.label_names,
     "ptbxl_v1": ptbxl.SPEC.label_names,
     "cpsc2018_v1": cpsc2018.SPEC.label_names,
+    "openi_v1": openi.SPEC.label_names,
 }
 
 
@@ -209,6 +211,9 @@ def convert_dataset(name, tmp_path_factory) -> str:
   elif name == "cpsc2018":
     L.build_cpsc2018(src, records=CPSC_EXTRA)
     summary = cpsc2018.convert(str(src), str(out), OPTIONS, fractions=ALL_TEST)
+  elif name == "openi":
+    L.build_openi_csv(src)
+    summary = openi.convert(str(src), str(out), OPTIONS)
   else:
     raise ValueError(name)
   assert summary.exit_code == 0 and not summary.errors, summary.errors
@@ -235,8 +240,9 @@ def evaluate(tiny_model, data_dir, protocol_name, report_dir):
   from medbind_jax import runs, train  # pylint: disable=import-outside-toplevel
   from tiny_config import tiny_config  # pylint: disable=import-outside-toplevel
   model, params, text_params, mesh = tiny_model
+  # Every record is in "test": few-shot support comes from the test split itself (other patients as queries).
   config = tiny_config(data_dir, **{"eval.protocol": protocol_name, "eval.few_shot.shots": SHOTS,
-                                    "eval.few_shot.seeds": SEEDS, "eval.plots": False})
+                                    "eval.few_shot.seeds": SEEDS, "eval.plots": False, "eval.support_split": ""})
   suite = train.make_eval_suite(config, model, runs.text_mode(config), text_params, runs.make_tokenize(config), mesh)
   return suite, suite.run(params, report_dir=report_dir, step=0)
 
@@ -272,6 +278,7 @@ DATASETS = {
     "mimic": ("mimic_v1", ("No Finding",)),
     "ptbxl": ("ptbxl_v1", ()),
     "cpsc2018": ("cpsc2018_v1", ()),
+    "openi": ("openi_v1", ()),
 }
 
 
@@ -344,3 +351,108 @@ def test_protocol_runs_every_task_on_the_converted_dataset(dataset, tiny_model, 
     assert math.isfinite(results[f"cross_modal/{task.name}/balanced_accuracy"])
   if not proto.cross_modal_tasks:
     assert not any(k.startswith("cross_modal/") for k in results)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Several evaluation datasets in one run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_multi_dataset_evaluation_writes_one_report_with_namespaced_metrics_and_the_aggregate_rsum(
+    tiny_model, tmp_path_factory):
+  """The synthetic world (train + test) and the converted Open-i and PTB-XL fixtures in one evaluation
+  (`config.eval.datasets`): each dataset's metrics under its name, equal to what it writes into its own report
+  directory; the aggregate CXR and ECG RSUMs are the sums of the datasets' M<->text RSUMs."""
+  from medbind_jax import runs, train  # pylint: disable=import-outside-toplevel
+  from tiny_config import tiny_config  # pylint: disable=import-outside-toplevel
+  world_dir = tmp_path_factory.mktemp("world")
+  world.ensure_world(world_dir, world.WorldParams(num_patients=40, image_size=32, ecg_sampling_rate=100,
+                                                  ecg_seconds=2.0, num_shards=(1, 1, 1)), workers=1, progress=False)
+  datasets = (dict(name="synthetic", dir=str(world_dir)),  # split, protocol, support_split: the config's
+              dict(name="openi", dir=convert_dataset("openi", tmp_path_factory), protocol="openi_v1",
+                   support_split=""),
+              dict(name="ptbxl", dir=convert_dataset("ptbxl", tmp_path_factory), protocol="ptbxl_v1",
+                   support_split=""))
+  model, params, text_params, mesh = tiny_model
+  config = tiny_config(str(world_dir), **{"eval.datasets": datasets, "eval.few_shot.shots": (1, 2),
+                                          "eval.few_shot.seeds": 2, "eval.linear_probe.seeds": 2,
+                                          "eval.plots": False})
+  suite = train.make_eval_suite(config, model, runs.text_mode(config), text_params, runs.make_tokenize(config), mesh)
+  report_dir = tmp_path_factory.mktemp("multi_eval")
+  results = suite.run(params, report_dir=str(report_dir), step=7)
+
+  assert all(math.isfinite(v) for v in results.values())
+  assert not [k for k in results if k.split("/")[0] not in ("synthetic", "openi", "ptbxl", "aggregate")]
+  per_dataset = {}
+  for name in ("synthetic", "openi", "ptbxl"):
+    with open(report_dir / name / "metrics.json") as f:
+      own = json.load(f)
+    assert own.pop("step") == 7
+    assert own == {k[len(name) + 1:]: v for k, v in results.items() if k.startswith(name + "/")}
+    assert (report_dir / name / "report.md").exists()
+    per_dataset[name] = own
+  # What each dataset evaluated: its own modalities and protocol; the synthetic world's probes fit on its train split.
+  assert "retrieval/cxr_to_text/R@1" in per_dataset["openi"] and "retrieval/ecg_to_text/R@1" in per_dataset["ptbxl"]
+  assert not any("/ecg" in k for k in per_dataset["openi"]) and not any("/cxr" in k for k in per_dataset["ptbxl"])
+  assert math.isfinite(per_dataset["ptbxl"]["zero_shot/ecg/macro_auroc"])
+  assert "linear_probe/cxr/macro/100pct/auroc_mean" in per_dataset["synthetic"]
+  assert "support drawn from split `train`" in (report_dir / "synthetic" / "report.md").read_text()
+
+  def text_rsum(own, m):
+    return 100 * sum(own[f"retrieval/{d}/R@{k}"] for d in (f"{m}_to_text", f"text_to_{m}") for k in (1, 5, 10))
+
+  for m, names in (("cxr", ("synthetic", "openi")), ("ecg", ("synthetic", "ptbxl"))):
+    parts = {n: text_rsum(per_dataset[n], m) for n in names}
+    assert results[f"aggregate/{m}_text_rsum"] == pytest.approx(sum(parts.values()))
+    assert results[f"aggregate/{m}_text_rsum/num_datasets"] == 2
+    for n, part in parts.items():
+      assert results[f"aggregate/{m}_text_rsum/{n}"] == pytest.approx(part)
+  with open(report_dir / "metrics.json") as f:
+    assert json.load(f) == {"step": 7, **results}
+  text = (report_dir / "report.md").read_text()
+  assert "## Aggregate RSUM" in text and f"| cxr | {results['aggregate/cxr_text_rsum']:.1f} |" in text
+  for name in ("synthetic", "openi", "ptbxl"):
+    assert f"## {name}" in text and f"({name}/report.md)" in text
+
+
+def test_evaluation_dataset_entries_are_checked_with_messages_that_name_the_fix(tiny_model, tmp_path_factory):
+  from medbind_jax import config_check, runs, train  # pylint: disable=import-outside-toplevel
+  from tiny_config import tiny_config  # pylint: disable=import-outside-toplevel
+  for entry, words in ((dict(dir="/d"), "needs a 'name'"), (dict(name="a b", dir="/d"), "letters, digits"),
+                       (dict(name="a"), "and a 'dir'"),
+                       (dict(name="a", dir="/d", protcol="x"), "unknown keys ['protcol']")):
+    with pytest.raises(ValueError, match=re.escape(words)):
+      config_check.eval_datasets(tiny_config("unused", **{"eval.datasets": (entry,)}))
+  with pytest.raises(ValueError, match=r"names must be unique, got \['a', 'a'\]"):
+    config_check.eval_datasets(tiny_config("unused", **{"eval.datasets": (dict(name="a", dir="/d"),
+                                                                   dict(name="a", dir="/e"))}))
+  # Defaults come from the config; an empty list is the training data's eval split alone.
+  config = tiny_config("/train", **{"eval.datasets": (dict(name="a", dir="/d"),), "eval.protocol": "ptbxl_v1"})
+  assert config_check.eval_datasets(config) == [dict(name="a", dir="/d", split="test", protocol="ptbxl_v1",
+                                              support_split="train")]
+  assert config_check.eval_datasets(tiny_config("/train")) == [dict(name="", dir="/train", split="test",
+                                                             protocol="synthetic_v1", support_split="train")]
+  # A support split the data does not have (CheXpert 5x200 is test only).
+  model, _, text_params, mesh = tiny_model
+  config = tiny_config(convert_dataset("chexpert5x200", tmp_path_factory), **{"eval.protocol": "chexpert5x200_v1"})
+  with pytest.raises(ValueError, match=r"has no split 'train' records of the modalities it evaluates \(\['cxr'\]\)"
+                                       r".*support_split='train'.*or '' to draw few-shot"):
+    train.make_eval_suite(config, model, runs.text_mode(config), text_params, runs.make_tokenize(config), mesh)
+
+
+def test_the_paper_config_evaluates_the_six_real_datasets_each_under_its_converters_protocol():
+  from configs import medbind  # pylint: disable=import-outside-toplevel
+  assert medbind.get_config("paper").eval.datasets == ()  # without eval_root: the training data's test split
+  datasets = medbind.get_config("paper,eval_root=/data/eval/").eval.datasets
+  assert [d["name"] for d in datasets] == ["mimic_cxr", "chexpert5x200", "openi", "ptbxl", "cpsc2018", "mimic"]
+  for d in datasets:
+    assert d["dir"] == f"/data/eval/{d['name']}" and d["split"] == "test"
+    assert d["protocol"] == f"{d['name']}_v1" and d["protocol"] in CONVERTER_LABELS
+    # Evaluation-only sets (every record in one split) draw few-shot support from it; the others from train.
+    assert d["support_split"] == ("" if d["name"] in ("chexpert5x200", "openi") else "train")
+  # data_root: the paper's training mixture and the same six evaluation datasets under one root.
+  config = medbind.get_config("paper,data_root=/data/medbind")
+  assert config.data.dir == "/data/medbind/mimic" and config.data.synthetic is None
+  assert [(s["name"], s["dir"], s["weight"]) for s in config.data.sources] == [
+      ("mimic", "/data/medbind/mimic", 1.0), ("ptbxl", "/data/medbind/ptbxl", 0.1)]
+  assert [d["dir"] for d in config.eval.datasets] == [d["dir"].replace("/data/eval", "/data/medbind") for d in datasets]

@@ -345,26 +345,33 @@ class _AssembleBatch(grain.transforms.Map):
 
 
 def train_dataset(index: SplitIndex, text_inputs, spec: BatchSpec, layout: Layout, *, specs: Mapping[str, Any],
-                  seed: int, augment: bool = True) -> grain.MapDataset:
+                  seed: int, augment: bool = True, pools: Mapping[str, Any] | None = None) -> grain.MapDataset:
   """MapDataset whose item t is this process's batch for global step t (endless). `specs`: modality -> codec
-  preprocessing spec, for every modality of `layout`."""
+  preprocessing spec, for every modality of `layout`. `pools`: pool (LINKED or a modality) -> an endless indexable
+  stream of record numbers of `index` (`mixture.mixed_pools`, for several sources); default: each pool's records
+  of `index`, shuffled with its own seed and reshuffled every epoch."""
   if spec.linked_per_batch and not layout.pair_edges:
     raise ValueError(f"linked_per_batch={spec.linked_per_batch} but no pair edge uses linked rows; set "
                      "data.linked_per_batch=0 or add a pair edge to config.loss.edges")
-  pools = {}
+  own = {}
   for kind in (LINKED,) + layout.modalities:
-    if kind == LINKED:
+    if pools is not None:
+      records = pools.get(kind, [])
+    elif kind == LINKED:
       records = index.linked_pool(layout.linked_modalities) if layout.pair_edges else np.zeros(0, np.int64)
-      needed = spec.linked_per_batch > 0
-      what = f"linked records with {', '.join(layout.linked_modalities)}"
     else:
-      records, needed, what = index.pool(kind), True, f"records with {kind}"
+      records = index.pool(kind)
+    needed = spec.linked_per_batch > 0 if kind == LINKED else True
+    what = f"linked records with {', '.join(layout.linked_modalities)}" if kind == LINKED else f"records with {kind}"
     if len(records) == 0 and needed:
       raise ValueError(f"{index.data_dir}/{index.split} has no {what} (the {kind!r} pool; "
                        f"linked_per_batch={spec.linked_per_batch})")
-    # Each pool gets its own seed stream; reshuffled every epoch.
-    pools[kind] = (grain.MapDataset.source(records).shuffle(seed=seed * (1 + len(layout.modalities)) + len(pools))
-                   .repeat() if len(records) else [])
+    if pools is not None or not len(records):
+      own[kind] = records
+    else:  # each pool its own seed stream, reshuffled every epoch (mixture.mixed_pools gives source 0 the same)
+      own[kind] = (grain.MapDataset.source(records).shuffle(seed=seed * (1 + len(layout.modalities)) + len(own))
+                   .repeat())
+  pools = own
   reader = ExampleReader(index, {m: specs[m] for m in layout.modalities})
   assemble = _AssembleBatch(reader, pools, text_inputs, spec, layout, seed, augment, index)
   return grain.MapDataset.range(0, 1 << 62).map(assemble)
