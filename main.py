@@ -1,8 +1,10 @@
 r"""MEDBind-JAX entry point: parses flags and hands the config to `train.train_and_evaluate` (or, with
---mode=eval, to `train.evaluate_checkpoint`).
+--mode=eval, to `train.evaluate_checkpoint`). A config with `task = "prompt_tuning"` (configs/prompt_tuning.py) goes
+to the same two functions of `medbind_jax.llm.prompt_tuning` instead.
 
   python main.py --config=configs/medbind.py --workdir=workdirs/medbind
   python main.py --config=configs/medbind.py --mode=eval --workdir=workdirs/medbind  # latest checkpoint again
+  python main.py --config=configs/prompt_tuning.py:medbind_workdir=workdirs/medbind --workdir=workdirs/pt
 
 Several processes (one per host of a TPU pod slice or GPU cluster; `launch.sh` starts them): --multihost calls
 jax.distributed.initialize() before anything else. On a Cloud TPU pod or under SLURM the processes find each
@@ -22,8 +24,9 @@ CPU processes exchange collectives through gloo (set here when JAX_PLATFORMS=cpu
 JAX_CPU_COLLECTIVES_IMPLEMENTATION says otherwise).
 
 A mistake in the config (`medbind_jax.config_check`: missing data dir, unknown encoder or modality, an edge the data
-cannot train, a batch size the devices cannot split, ...) stops the run before any work: its message alone (no
-traceback) goes to stderr and the exit status is 2.
+cannot train, a batch size the devices cannot split, ...; for prompt tuning `prompt_tuning.check_config`: an unknown
+prompt part, outcome or scoring mode, no MEDBind run, a label word that is not one token, ...) stops the run before
+any work: its message alone (no traceback) goes to stderr and the exit status is 2.
 """
 
 import logging
@@ -90,11 +93,14 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # libraries' INFO chatter (e.g. every orbax write) off
   logging.getLogger("medbind_jax").setLevel(logging.INFO)
   logging.getLogger("data_prep").setLevel(logging.INFO)
+  trainer = train
+  if FLAGS.config.get("task") == "prompt_tuning":  # configs/prompt_tuning.py: the LLM trainer, same flags
+    from medbind_jax.llm import prompt_tuning as trainer  # pylint: disable=import-outside-toplevel
   try:
     if FLAGS.mode == "eval":
-      train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+      trainer.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
     else:
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir, stop_after_step=FLAGS.stop_after_step)
+      trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, stop_after_step=FLAGS.stop_after_step)
   except config_check.ConfigError as err:
     # A config mistake, found before any work: the message says what and how to fix it; a traceback adds nothing.
     print(err, file=sys.stderr, flush=True)

@@ -15,6 +15,36 @@ Output: TFRecord shards in the project schema (`medbind_jax.data.schema`), each 
 index), and patients are assigned to shards by index. ECGs are synthesised at `ecg_sampling_rate` (500 Hz) and, with
 `ecg_store_rate`, resampled once here to the rate training reads them at, so the input pipeline need not resample
 every record on every read.
+
+Outcomes (generator version 2). Each encounter also carries two outcome labels and the patient facts a prompt
+states, in the record's extras (`extra/<name>`, float lists of one value), drawn from a random stream of their own,
+seeded by (seed, patient index, OUTCOME_STREAM): every image, ECG, report, label, time and latent severity of version
+1 is unchanged, byte for byte, for the same parameters (tests/test_outcomes.py keeps a digest of version 1's).
+
+  sex_male             0 / 1, Bernoulli(0.5), per patient
+  comorbidity_count    Poisson(exp(-0.1 + 0.03 (age - 55) + 0.3 hf_propensity + 0.4 remodelling)), capped at 9,
+                       per patient (chronic disease burden, correlated with age and the latent cardiac factors)
+  age                  (already a latent field of version 1) years, per patient
+
+  in-hospital mortality   P = sigmoid(-4.06 + 0.025 (age - 65) + 0.15 comorbidity_count + 0.2 sex_male
+                              + 3 edema + 3 consolidation + 1.5 effusion + 0.04 (heart_rate - 80) + 8 st_elevation
+                              + 0.3 af)
+  30-day readmission      P = sigmoid(-2.18 + 0.01 (age - 65) + 0.15 comorbidity_count + 0.4 hf_severity
+                              + 8 (heart_size - 0.45) + 0.6 max(lv_mass - 0.8, 0) + 0.4 af + 1.0 effusion),
+                          defined for survivors only (-1 for an in-hospital death, as MIMIC's readmission cohorts
+                          leave deaths out)
+
+The severities are the continuous latent state the CXR and ECG render (edema, consolidation and effusion extent,
+heart size, LV mass, heart rate, ST elevation in mV), of which the reports state only thresholded findings and,
+60% of the time, a coarse severity word; age, sex and comorbidity count are what a prompt's patient facts say. The
+intercepts give MIMIC-like prevalences: measured on the default world (seed 0, 3,000 patients: 5,995 encounters,
+3,010 linked), 10.3% mortality and 17.2% readmission among the survivors (linked encounters: 10.8% and 17.1%;
+docs/prompt_tuning.md). With the true risk as the score the AUROC ceiling is 0.90 (mortality) and 0.75
+(readmission); a logistic regression on the facts alone reaches about 0.76 / 0.72, on the facts and the reports'
+thresholded findings 0.90 / 0.76 (16,000 latent encounters, 70/30 split). Labels are drawn per encounter from
+its own state and are not reconciled with the patient's timeline (a patient whose encounter 1 ends in death keeps
+the later encounters version 1 generated): they are outcome analogues for prompt tuning, not a simulation of
+follow-up.
 """
 
 from __future__ import annotations
@@ -43,7 +73,7 @@ from medbind_jax.data import codecs, preprocess, schema
 from medbind_jax.data.shard_index import ShardWriter, remove_index
 
 # Bump whenever the generator's output changes for the same parameters: it is part of the cache fingerprint.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: outcome labels and patient facts in the extras (module docstring)
 DATASET_NAME = "synthetic_world"
 CXR_LABELS = ("cardiomegaly", "pleural_effusion", "edema", "consolidation", "atelectasis", "pneumothorax",
               "no_finding")
@@ -54,6 +84,14 @@ ECG_LABELS = ("sinus_rhythm", "sinus_tachycardia", "sinus_bradycardia", "atrial_
 THRESHOLDS = {"cardiomegaly": 0.5, "pleural_effusion": 0.12, "edema": 0.15, "consolidation": 0.15, "atelectasis": 0.15,
               "pneumothorax": 0.2, "lvh": 1.0, "st_elevation": 0.1, "first_degree_av_block": 0.2}
 TACHYCARDIA_BPM, BRADYCARDIA_BPM = 100.0, 60.0
+# The outcomes' random stream: the third entry of the per-patient seed (the first two are the world's seed and the
+# patient index, the version-1 stream), so drawing outcomes consumes nothing from the stream the renderers use.
+OUTCOME_STREAM = 1
+# Encounter-level outcome labels (extras `outcome_<name>`: 1 event, 0 none, -1 not applicable) and their risks
+# (extras `risk_<name>`: the probability the label was drawn with); patient facts a prompt may state (extras).
+OUTCOMES = ("in_hospital_mortality", "readmission_30d")
+PATIENT_FACTS = ("age", "sex_male", "comorbidity_count")
+NOT_APPLICABLE = -1.0  # readmission of an encounter that ended in death
 _EPOCH_START = 1609459200.0  # 2021-01-01 UTC: encounter times are spread over the following years
 _DAY = 86400.0
 
@@ -476,6 +514,46 @@ def _png(image: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
+# =====================================================================================================================
+# Outcomes and patient facts (version 2; their own random stream)
+# =====================================================================================================================
+
+
+def _sigmoid(z: float) -> float:
+  return 1.0 / (1.0 + math.exp(-z))
+
+
+def patient_facts(patient: _Patient, rng: np.random.Generator) -> dict[str, float]:
+  """Sex and comorbidity count of a patient, drawn from the outcome stream `rng` (module docstring)."""
+  male = float(rng.random() < 0.5)
+  rate = math.exp(-0.1 + 0.03 * (patient.age - 55.0) + 0.3 * patient.hf_propensity + 0.4 * patient.remodelling)
+  return {"sex_male": male, "comorbidity_count": float(min(int(rng.poisson(rate)), 9))}
+
+
+def outcome_risks(state: phantoms.ClinicalState, facts: dict[str, float]) -> dict[str, float]:
+  """P(in-hospital death) and P(30-day readmission | survived) of an encounter (the formulas of the docstring)."""
+  af = float(state.rhythm == "af")
+  mortality = _sigmoid(-4.06 + 0.025 * (state.age - 65.0) + 0.15 * facts["comorbidity_count"] + 0.2 * facts["sex_male"]
+                       + 3.0 * state.edema + 3.0 * state.consolidation + 1.5 * state.effusion
+                       + 0.04 * (state.heart_rate - 80.0) + 8.0 * state.st_elevation + 0.3 * af)
+  readmission = _sigmoid(-2.18 + 0.01 * (state.age - 65.0) + 0.15 * facts["comorbidity_count"]
+                         + 0.4 * state.hf_severity + 8.0 * (state.heart_size - 0.45)
+                         + 0.6 * max(state.lv_mass - 0.8, 0.0) + 0.4 * af + 1.0 * state.effusion)
+  return {"in_hospital_mortality": mortality, "readmission_30d": readmission}
+
+
+def draw_outcomes(state: phantoms.ClinicalState, facts: dict[str, float],
+                  rng: np.random.Generator) -> dict[str, float]:
+  """The encounter's outcome labels and risks as extras (`outcome_<name>`, `risk_<name>`). Both uniforms are
+  drawn whatever the first outcome, so every encounter consumes the same share of the outcome stream."""
+  risks = outcome_risks(state, facts)
+  u_death, u_readmission = rng.random(), rng.random()
+  died = u_death < risks["in_hospital_mortality"]
+  readmitted = NOT_APPLICABLE if died else float(u_readmission < risks["readmission_30d"])
+  return {"outcome_in_hospital_mortality": float(died), "outcome_readmission_30d": readmitted,
+          **{f"risk_{name}": risk for name, risk in risks.items()}}
+
+
 def patient_split(params: WorldParams, patient_index: int) -> str:
   """The patient's split, from a hash of (seed, patient index): stable when num_patients changes."""
   digest = hashlib.sha256(f"{DATASET_NAME}/{params.seed}/{patient_index}".encode()).digest()
@@ -487,8 +565,10 @@ def patient_split(params: WorldParams, patient_index: int) -> str:
 def patient_encounters(params: WorldParams, patient_index: int) -> Iterator[schema.Encounter]:
   """Generates one patient's encounters (1..max each), in time order, from the patient's own RNG."""
   rng = np.random.default_rng([params.seed, patient_index])
+  outcome_rng = np.random.default_rng([params.seed, patient_index, OUTCOME_STREAM])
   split = patient_split(params, patient_index)
   patient = _sample_patient(rng)
+  facts = patient_facts(patient, outcome_rng)
   patient_id = f"syn-p{patient_index:06d}"
   t = _EPOCH_START + rng.uniform(0.0, 3 * 365 * _DAY)
   for k in range(int(rng.integers(1, params.max_encounters_per_patient + 1))):
@@ -514,7 +594,9 @@ def patient_encounters(params: WorldParams, patient_index: int) -> Iterator[sche
       parts["ecg"] = schema.Part(data=ecg, report=ecg_report(state), labels=[float(ecg_found[k]) for k in ECG_LABELS],
                                  study_id=f"{patient_id}-ecg{k}", time=ecg_time)
     yield schema.Encounter(encounter_id=f"{patient_id}-e{k}", patient_id=patient_id, split=split,
-                           dataset=DATASET_NAME, linked=linked, parts=parts, extras=_extras(state))
+                           dataset=DATASET_NAME, linked=linked, parts=parts,
+                           extras={**_extras(state), **{k: [v] for k, v in facts.items()},
+                                   **{k: [v] for k, v in draw_outcomes(state, facts, outcome_rng).items()}})
 
 
 # =====================================================================================================================
@@ -637,7 +719,11 @@ def generate_world(out_dir: str | os.PathLike, params: WorldParams = WorldParams
       description="Synthetic clinical world: patients with latent heart-failure / infection / anatomy factors; per "
                   "encounter a phantom PA chest X-ray with a radiology report and/or a 12-lead "
                   f"{params.ecg_rate_stored} Hz ECG with a machine-read statement. Labels are the findings the reports "
-                  "state; extra/* holds the continuous latent severities shared by a linked CXR and ECG.",
+                  "state; extra/* holds the continuous latent severities shared by a linked CXR and ECG, the patient "
+                  "facts and the encounter's outcome labels.",
+      outcomes={name: {"extra": f"outcome_{name}", "risk": f"risk_{name}", "not_applicable": NOT_APPLICABLE}
+                for name in OUTCOMES},
+      patient_facts=list(PATIENT_FACTS),
       generator_version=GENERATOR_VERSION, params=canonical_params(params), fingerprint=fingerprint(params),
       shard_bytes={stats.file: size for _, stats, size in sorted(results, key=lambda r: r[1].file)},
       thresholds=THRESHOLDS)

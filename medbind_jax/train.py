@@ -152,6 +152,17 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+def raise_if_not_finite(step: int, values, manager) -> None:
+  """Raises NonFiniteLossError when a step's loss, gradient norm or parameter norm is not finite, naming the last
+  good checkpoint of `manager` and the fix (shared with medbind_jax.llm.prompt_tuning)."""
+  bad = [f"{name} is {values[name]}" for name in ("loss", "grad_norm", "param_norm") if not np.isfinite(values[name])]
+  if bad:
+    raise NonFiniteLossError(
+        f"{', '.join(bad)} at step {step}; stopping. The last good checkpoint "
+        f"(step {manager.latest_step()}) is kept in {manager.directory}. Lower optim.learning_rate or raise "
+        "optim.warmup_steps, then run again to resume from it.")
+
+
 def build_train_step(config, model: MedBind, layout: pipeline.Layout, text_mode: str, params, mesh,
                      batch_spec: pipeline.BatchSpec, rng: jax.Array):
   """(initial TrainState on the mesh, jitted update step (state, batch, text_table) -> (state, metrics)).
@@ -314,12 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def check(entry):
     step, metrics = entry
     values = jax.device_get(metrics)
-    bad = [f"{name} is {values[name]}" for name in ("loss", "grad_norm", "param_norm") if not np.isfinite(values[name])]
-    if bad:
-      raise NonFiniteLossError(
-          f"{', '.join(bad)} at step {step}; stopping. The last good checkpoint "
-          f"(step {manager.latest_step()}) is kept in {manager.directory}. Lower optim.learning_rate or raise "
-          "optim.warmup_steps, then run again to resume from it.")
+    raise_if_not_finite(step, values, manager)
     history.append({k: float(v) for k, v in values.items()})
 
   def report(step):
