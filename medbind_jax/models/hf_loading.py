@@ -57,8 +57,10 @@ def _read_safetensors_file(path: str) -> dict[str, np.ndarray]:
     return {key: f.get_tensor(key) for key in f.keys()}
 
 
-def read_safetensors(directory: str) -> dict[str, np.ndarray]:
-  """All tensors of a directory's single-file or sharded safetensors checkpoint, as numpy arrays."""
+def read_safetensors(directory: str, read_file=None) -> dict[str, np.ndarray]:
+  """All tensors of a directory's single-file or sharded safetensors checkpoint, as numpy arrays; `read_file`
+  (path -> {key: array}) reads one file (default: safetensors' numpy reader)."""
+  read_file = read_file or _read_safetensors_file
   index_path = os.path.join(directory, INDEX_FILE)
   single_path = os.path.join(directory, SINGLE_FILE)
   if os.path.isfile(index_path):
@@ -66,7 +68,7 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
       weight_map: dict[str, str] = json.load(f)["weight_map"]
     tensors: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
-      shard_tensors = _read_safetensors_file(os.path.join(directory, shard))
+      shard_tensors = read_file(os.path.join(directory, shard))
       listed = {key for key, file in weight_map.items() if file == shard}
       if listed != set(shard_tensors):
         raise CheckpointMismatchError(
@@ -75,7 +77,7 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
       tensors.update(shard_tensors)
     return tensors
   if os.path.isfile(single_path):
-    return _read_safetensors_file(single_path)
+    return read_file(single_path)
   pickled = [n for n in ("pytorch_model.bin", "model.ckpt", "flax_model.msgpack") if os.path.exists(
       os.path.join(directory, n))]
   hint = f" (found {pickled}: only safetensors are read; convert with safetensors first)" if pickled else ""
