@@ -24,7 +24,6 @@ import tqdm
 from medbind_jax import paths
 from medbind_jax.data import schema, shard_index, tfrecord
 
-log = logging.getLogger(__name__)
 
 
 def add_indexes(data_dir: str, *, splits: Sequence[str] | None = None, verify: bool = False, force: bool = False,
@@ -37,7 +36,6 @@ def add_indexes(data_dir: str, *, splits: Sequence[str] | None = None, verify: b
   unknown = sorted(set(splits or ()) - set(info["splits"]))
   if unknown:
     raise ValueError(f"{data_dir} has no split(s) {unknown}; it has {sorted(info['splits'])}")
-  needed = shard_index.index_codecs(info.get("modalities"))
   kept, written, failed = [], {}, []
   shards = [s for split, v in info["splits"].items() if splits is None or split in splits for s in v["shards"]]
   for shard in tqdm.tqdm(shards, desc="index", unit="shard", disable=not progress):
@@ -46,24 +44,21 @@ def add_indexes(data_dir: str, *, splits: Sequence[str] | None = None, verify: b
       failed.append((shard["file"], f"{path} is listed in dataset_info.json but missing"))
       continue
     name = shard.get("index") or shard_index.index_name(shard["file"])
-    if not force:
-      index, why = shard_index.load_index(path, paths.join(data_dir, name), needed_codecs=needed, verify=verify)
-      if index is not None:
-        kept.append(shard["file"])
-        if shard.get("index") != name:
-          written[shard["file"]] = name  # found under its default name: record it
-        continue
-      if why:
-        log.warning("%s; re-indexing from the shard", why)
     try:
-      index = shard_index.build_index(path, modalities=info.get("modalities"))
-      if index.num_records != shard["num_examples"]:
+      index, built = shard_index.load_or_build(path, paths.join(data_dir, name), modalities=info.get("modalities"),
+                                               verify=verify, rebuild=force)
+      if built and index.num_records != shard["num_examples"]:
         raise ValueError(f"{path}: dataset_info.json lists {shard['num_examples']} records but {index.num_records} "
                          "could be read (truncated or replaced shard)")
     except (tfrecord.CorruptRecordError, ValueError) as err:
       failed.append((shard["file"], str(err)))
       # A stale index must not outlive the check: training then reads the shard, under its skip_corrupt rules.
       shard_index.remove_index(data_dir, shard)
+      continue
+    if not built:
+      kept.append(shard["file"])
+      if shard.get("index") != name:
+        written[shard["file"]] = name  # found under its default name: record it
       continue
     shard_index.write_index(paths.join(data_dir, name), index)
     written[shard["file"]] = name

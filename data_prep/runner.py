@@ -142,13 +142,9 @@ def _ensure_index(out_dir: str, file: str, entry: dict, modalities: Sequence[str
   """Gives a kept shard its index (re-made from the shard when missing or not matching) and names it in `entry`;
   `modalities`: the dataset's."""
   name = entry.get("index") or shard_index.index_name(file)
-  index, why = shard_index.load_index(paths.join(out_dir, file), paths.join(out_dir, name),
-                                      needed_codecs=shard_index.index_codecs(modalities))
-  if index is None:
-    if why:
-      log.warning("%s; re-indexing from the shard", why)
-    shard_index.write_index(paths.join(out_dir, name), shard_index.build_index(paths.join(out_dir, file),
-                                                                              modalities=modalities))
+  index, built = shard_index.load_or_build(paths.join(out_dir, file), paths.join(out_dir, name), modalities=modalities)
+  if built:
+    shard_index.write_index(paths.join(out_dir, name), index)
   entry["index"] = name
 
 

@@ -112,7 +112,6 @@ def index_split(data_dir: str, split: str, *, skip_corrupt: bool = False, progre
   if split not in info["splits"]:
     raise ValueError(f"{data_dir} has no split {split!r}; it has {sorted(info['splits'])}")
   shards = info["splits"][split]["shards"]
-  needed = shard_index.index_codecs(info.get("modalities"))
   registered = set(codecs.names())
   records: list[RecordMeta] = []
   skipped: list[tuple[str, int, str]] = []
@@ -132,16 +131,13 @@ def index_split(data_dir: str, split: str, *, skip_corrupt: bool = False, progre
       continue
     index_file = shard.get("index") or shard_index.index_name(shard["file"])
     index_path = paths.join(data_dir, index_file)
-    index, why = shard_index.load_index(path, index_path, needed_codecs=needed, verify=verify)
     problems: list[tuple[str, int, str]] = []
-    if index is None:
-      if why:
-        log.warning("%s; re-indexing from the shard", why)
+    index, built = shard_index.load_or_build(path, index_path, modalities=info.get("modalities"), verify=verify,
+                                             skip_corrupt=skip_corrupt, problems=problems)
+    if built:
       num_read += 1
-      index = shard_index.build_index(path, modalities=info.get("modalities"), skip_corrupt=skip_corrupt,
-                                      problems=problems)
       clean = not problems and index.num_records == shard["num_examples"]
-      if write_indexes and unwritable is None and (clean or why):
+      if write_indexes and unwritable is None and (clean or paths.exists(index_path)):  # or a stale one
         try:
           if clean:
             shard_index.write_index(index_path, index)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import logging
 import os
 import struct
 import zlib
@@ -42,6 +43,8 @@ import crc32c
 
 from medbind_jax import paths
 from medbind_jax.data import codecs, schema, tfrecord
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"MEDBIND-SHARD-INDEX"
 VERSION = 1
@@ -229,6 +232,22 @@ def load_index(shard_path: str | os.PathLike, index_path: str | os.PathLike, *, 
     return None, str(err)
   why = check_index(index, shard_path, needed_codecs=needed_codecs, verify=verify)
   return (None, f"{index_path} does not match {shard_path}: {why}") if why else (index, None)
+
+
+def load_or_build(shard_path: str | os.PathLike, index_path: str | os.PathLike, *,
+                  modalities: Iterable[str] | None = None, verify: bool = False, rebuild: bool = False,
+                  skip_corrupt: bool = False, problems: list | None = None) -> tuple[ShardIndex, bool]:
+  """(index, built): the usable index in `index_path` (`load_index`; built False), else one built from the shard
+  (`build_index` with `skip_corrupt` / `problems`; built True), with a warning when an index existed but could not
+  be trusted. `rebuild`: build without looking at `index_path`. Writes nothing: what to keep is the caller's
+  choice (a training start, `data_prep.add_index` and a resumed conversion decide differently)."""
+  if not rebuild:
+    index, why = load_index(shard_path, index_path, needed_codecs=index_codecs(modalities), verify=verify)
+    if index is not None:
+      return index, False
+    if why:
+      log.warning("%s; re-indexing from the shard", why)
+  return build_index(shard_path, modalities=modalities, skip_corrupt=skip_corrupt, problems=problems), True
 
 
 class ShardWriter:
