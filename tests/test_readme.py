@@ -19,7 +19,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_second():
   with open(os.path.join(ROOT, ".ci", "run")) as f:
     ci_lines = [line for line in f.read().splitlines() if line and not line.startswith("#")]
   assert commands[1] in ci_lines
-  assert commands[1].endswith("python -m pytest tests -q")
+  assert commands[1].endswith("python -m pytest tests -q -n 2 --dist loadfile")
 
 
 def test_readme_main_command_uses_the_default_config_and_pinned_requirements():
