@@ -93,31 +93,59 @@ def _cell(values: list[float]) -> str:
   return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def comparison_section(results: dict[str, list[dict]], timings: dict[str, float], args, *, command: str,
-                       medbind: dict[str, str], sizes: dict[str, dict]) -> str:
-  seeds = {arm: len(r) for arm, r in results.items()}
-  lines = [START, "", "## The comparison", "",
+MEDBIND_COLUMNS = (("retrieval/cxr_to_ecg/R@10", "CXR->ECG R@10"), ("retrieval/ecg_to_cxr/R@10", "ECG->CXR R@10"),
+                   ("retrieval/cxr_to_text/R@1", "CXR->text R@1"), ("retrieval/ecg_to_text/R@1", "ECG->text R@1"))
+
+
+def _medbind_table(medbind: dict[str, str]) -> list[str]:
+  """The MEDBind runs' own retrieval figures (their metrics.json), so the soft tokens' source can be judged."""
+  lines = ["| MEDBind run | workdir | steps | " + " | ".join(name for _, name in MEDBIND_COLUMNS) + " |",
+           "|---|---|---:|" + "---:|" * len(MEDBIND_COLUMNS)]
+  for kind, workdir in medbind.items():
+    path = os.path.join(workdir, "metrics.json")
+    metrics = json.load(open(path)) if os.path.exists(path) else {}
+    cells = [f"{100 * metrics[key]:.1f}%" if key in metrics else "n/a" for key, _ in MEDBIND_COLUMNS]
+    steps = runs.checkpoint_steps(workdir) if os.path.isdir(workdir) else []
+    lines.append(f"| {kind} | `{workdir}` | {steps[-1] if steps else 'n/a'} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def comparison_section(results: dict[str, list[tuple[int, dict]]], timings: dict[str, float], args, *, command: str,
+                       medbind: dict[str, str], sizes: dict[str, dict], config) -> str:
+  """The docs section: settings, the MEDBind runs, mean ± std per arm, every run's figures, sizes and times.
+  `results`: {arm: [(seed, eval metrics)]}; `config`: one run's config (the settings every run shares)."""
+  metrics_of = [(outcome, metric) for outcome in OUTCOMES for metric in ("auroc", "balanced_accuracy")]
+  header = ("mortality AUROC | mortality bal. acc. | readmission AUROC | readmission bal. acc.")
+  lines = [START, "", "## 3. The comparison", "",
            f"Command: `{command}`", "",
-           f"Base: SmolLM2-135M-Instruct (packaged GGUF, float32), LoRA rank {args.lora_rank} on q_proj/v_proj, "
-           f"{args.tokens} soft tokens per modality, {args.steps} steps of {args.batch_size} prompts, class-balanced "
-           "loss, label-word scoring (logit Yes - logit No); mean ± std (population) over seeds of each run's "
-           "test-split AUROC and balanced accuracy (score > 0). MEDBind runs: "
-           + ", ".join(f"{k} `{v}`" for k, v in medbind.items()) + ".", "",
-           "| arm | inputs | seeds | mortality AUROC | mortality bal. acc. | readmission AUROC | readmission bal. acc. "
-           "| run time (s, mean) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+           f"Base: SmolLM2-135M-Instruct (packaged GGUF, {config.model.dtype}), LoRA rank {config.lora.rank} "
+           f"(alpha {config.lora.alpha:g}, dropout {config.lora.dropout:g}) on `{config.lora.targets}`, "
+           f"{config.projector.tokens} soft tokens per modality, {config.total_steps} steps of "
+           f"{config.data.batch_size} prompts, AdamW at learning rate {config.optim.learning_rate:g} "
+           f"({config.optim.warmup_steps} warm-up steps, gradient clipping {config.optim.grad_clip_norm:g}), "
+           "class-balanced loss, label-word scoring (logit Yes - logit No); test-split AUROC and balanced accuracy "
+           "(score > 0) of each run, mean ± std (population) over seeds.", "",
+           "The MEDBind runs whose embeddings the soft tokens carry (their own test-split retrieval):", "",
+           *_medbind_table(medbind), "",
+           f"| arm | inputs | seeds | {header} | run time (s, mean) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
   for arm, runs_ in results.items():
-    cells = []
-    for outcome in OUTCOMES:
-      for metric in ("auroc", "balanced_accuracy"):
-        cells.append(_cell([r.get(f"{outcome}/{metric}", float("nan")) for r in runs_]))
-    times = [timings[k] for k in timings if k.startswith(f"{arm}_seed")]
-    lines.append(f"| ({arm}) {ARMS[arm][2]} | `{ARMS[arm][0]}` | {seeds[arm]} | " + " | ".join(cells)
+    cells = [_cell([m.get(f"{o}/{k}", float("nan")) for _, m in runs_]) for o, k in metrics_of]
+    times = [timings[f"{arm}_seed{seed}"] for seed, _ in runs_ if f"{arm}_seed{seed}" in timings]
+    lines.append(f"| ({arm}) {ARMS[arm][2]} | `{ARMS[arm][0]}` | {len(runs_)} | " + " | ".join(cells)
                  + (f" | {np.mean(times):.0f} |" if times else " | n/a |"))
+  lines += ["", "Every run:", "", f"| arm | seed | {header} | run time (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
+  for arm, runs_ in results.items():
+    for seed, m in runs_:
+      time_s = timings.get(f"{arm}_seed{seed}")
+      lines.append(f"| ({arm}) | {seed} | " + " | ".join(f"{m.get(f'{o}/{k}', float('nan')):.3f}"
+                                                        for o, k in metrics_of)
+                   + (f" | {time_s:.0f} |" if time_s is not None else " | n/a |"))
   lines += ["", "Sizes per run (first seed): " + "; ".join(
       f"({arm}) {s['train_prompts']} training prompts of {s['train_tokens']} tokens (padded), {s['eval_prompts']} "
       f"test prompts, {s['trainable_params'] / 1e6:.2f}M trainable parameters" for arm, s in sizes.items()) + ".", ""]
   total = sum(timings.values())
-  lines += [f"Total prompt-tuning time of these runs: {total / 3600:.2f} h (`{args.root}/timings.json`).", "", END]
+  lines += [f"Total prompt-tuning time of these runs: {total / 3600:.2f} h on this machine's 2 CPU cores "
+            f"(`{args.root}/timings.json`; each run's wall time: tuning, evaluation and compilation).", "", END]
   return "\n".join(lines)
 
 
@@ -148,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--medbind_workdir", default="", help="a trained MEDBind run (lambda 1); default: trained here")
   parser.add_argument("--unbound_workdir", default="", help="a trained MEDBind run with lambda 0, on the same world")
   parser.add_argument("--medbind_arg", default="", help="configs/medbind.py arguments of the runs trained here")
+  parser.add_argument("--medbind_evaluators", default="retrieval",
+                      help="evaluators of the MEDBind runs trained here ('' : the config's full suite)")
   parser.add_argument("--num_patients", type=int, default=0, help="world size of the MEDBind runs trained here "
                       "(0: the config's 3,000 patients)")
   parser.add_argument("--smoke", action="store_true", help="1 seed, 4 steps, arms a and c, 32 train / 32 test "
@@ -173,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.warning("%d seed(s) per arm: the comparison asks for at least 3", len(seeds))
 
   world = os.path.join(args.root, "world")
-  evaluators = ("retrieval",) if args.smoke else ()
+  evaluators = tuple(e for e in args.medbind_evaluators.split(",") if e)
   medbind = {"bound": args.medbind_workdir, "unbound": args.unbound_workdir}
   for kind, weight in (("bound", 1.0), ("unbound", 0.0)):
     if not medbind[kind] and any(ARMS[a][1] == kind for a in arms):
@@ -183,10 +213,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   timings_path = os.path.join(args.root, "timings.json")
   timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
-  results: dict[str, list[dict]] = {a: [] for a in arms}
+  results: dict[str, list[tuple[int, dict]]] = {a: [] for a in arms}
   sizes: dict[str, dict] = {}
-  for arm in arms:
-    for seed in seeds:
+  # Seed-major: every arm's seed 0 before any arm's seed 1, so an interrupted comparison has whole seeds.
+  for seed in seeds:
+    for arm in arms:
       name = f"{arm}_seed{seed}"
       workdir = os.path.join(args.root, name)
       config = run_config(args, arm, seed, medbind[ARMS[arm][1]])
@@ -199,13 +230,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         with open(timings_path, "w") as f:
           json.dump(timings, f, indent=2)
         metrics = finished_metrics(workdir, config.total_steps)
-      results[arm].append(metrics)
+      results[arm].append((seed, metrics))
       if arm not in sizes and os.path.exists(os.path.join(workdir, prompt_tuning.SIZES_FILE)):
         sizes[arm] = json.load(open(os.path.join(workdir, prompt_tuning.SIZES_FILE)))
   command = "python -m bench.prompt_tuning_comparison " + " ".join(
       shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
   section = comparison_section(results, {k: v for k, v in timings.items() if k.split("_seed")[0] in arms}, args,
-                               command=command, medbind={k: v for k, v in medbind.items() if v}, sizes=sizes)
+                               command=command, medbind={k: v for k, v in medbind.items() if v}, sizes=sizes,
+                               config=run_config(args, arms[0], seeds[0], medbind[ARMS[arms[0]][1]]))
   write_out(args.out, section)
   print(section)
   print(f"wrote {args.out}")
