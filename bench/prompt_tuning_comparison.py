@@ -18,9 +18,11 @@ The two MEDBind runs (lambda 1 and 0, `configs/medbind.py:emcl_weight=W`, seed 0
 finished run (eval/metrics.json at its last step) is not run again and an interrupted one resumes, so the same
 command carries on after an interruption; per-run wall times are kept in <root>/timings.json.
 
-Default sizes, for 2 CPU cores: 200 steps of 8 prompts per run (1,600 prompts, about a third of an epoch of the
-~4,500 training prompts of the default world's ~2,400 linked training encounters), every linked test encounter
-evaluated (~600 prompts). --out: a file with the markers below gets its comparison section replaced (the rest of
+Default sizes: 200 steps of 8 prompts per run (1,600 prompts, about a third of an epoch of the ~4,500 training
+prompts of the default world's ~2,400 linked training encounters), every linked test encounter evaluated (~600
+prompts), MEDBind runs of the default config's 1,000 steps: about 2.5 hours per seed on 2 CPU cores. The table in
+docs/prompt_tuning.md was made at half that (`--steps 100 --config_arg lr=3e-3 --medbind_arg steps=500`: about
+40 minutes per seed). --out: a file with the markers below gets its comparison section replaced (the rest of
 docs/prompt_tuning.md is kept); any other file is written with the section alone.
 """
 
