@@ -20,7 +20,7 @@ command carries on after an interruption; per-run wall times are kept in <root>/
 
 Default sizes: 200 steps of 8 prompts per run (1,600 prompts, about a third of an epoch of the ~4,500 training
 prompts of the default world's ~2,400 linked training encounters), every linked test encounter evaluated (~600
-prompts), MEDBind runs of the default config's 1,000 steps: about 2.5 hours per seed on 2 CPU cores. The table in
+prompts), MEDBind runs of the default config's 1,000 steps: about 70 minutes per seed on 2 CPU cores. The table in
 docs/prompt_tuning.md was made at half that (`--steps 100 --config_arg lr=3e-3 --medbind_arg steps=500`: about
 40 minutes per seed). --out: a file with the markers below gets its comparison section replaced (the rest of
 docs/prompt_tuning.md is kept); any other file is written with the section alone.
