@@ -25,7 +25,6 @@ from medbind_jax import paths
 from medbind_jax.data import schema, shard_index, tfrecord
 
 
-
 def add_indexes(data_dir: str, *, splits: Sequence[str] | None = None, verify: bool = False, force: bool = False,
                 progress: bool = True) -> dict:
   """Indexes the shards of `splits` (default all) of `data_dir` that have no usable index (all with `force`).

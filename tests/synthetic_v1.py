@@ -57,6 +57,9 @@ def v1_differences(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> l
       diff = np.abs(g.astype(np.int16) - w.astype(np.int16))
       if diff.max() > 1 or (diff > 0).mean() > 0.01:
         problems.append(f"{key}: max pixel difference {diff.max()}, {(diff > 0).mean():.1%} of pixels differ")
+    elif key.endswith("/time"):  # seconds since the epoch (~1.6e9): a relative bound would allow minutes
+      if abs(float(g) - float(w)) > 1e-3:
+        problems.append(f"{key}: {float(g)!r} vs {float(w)!r}")
     elif not np.allclose(g, w, rtol=1e-6, atol=1e-6):
       problems.append(f"{key}: max abs difference {np.max(np.abs(g.astype(np.float64) - w)):.3g}")
   return problems
