@@ -16,8 +16,9 @@ Per batch size B (D = 256, fp32, one process, one device), the median wall time 
   full       MEDBind's objective: two TMCL edges and the pair edge, against three ClipLoss calls (two over B
              pairs, one over the B/4 linked pairs)
 
-Both sides use both cores (torch.set_num_threads(2); XLA's CPU client). Ratios are within one run, so the
-machine's noise cancels; absolute times are not comparable between machines.
+Both sides use both cores (torch.set_num_threads(2); XLA's CPU client). The seven entries of a size are timed in
+four rounds that visit each in turn, so a burst of load from a neighbour falls on all of them; ratios are within one run,
+and absolute times are not comparable between machines.
 """
 
 from __future__ import annotations
@@ -37,14 +38,21 @@ from medbind_jax import losses
 D = 256
 
 
-def _median_seconds(fn, repeats: int) -> float:
-  fn()  # warm-up (compilation)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def interleaved_medians(fns: dict, repeats: int, rounds: int = 4) -> dict:
+  """Median wall seconds of each callable over `repeats` timed calls, taken in `rounds` rounds that visit every
+  callable in turn, so that a burst of load on the shared machine falls on all of them rather than on one. Each
+  visit starts with an untimed call: the previous callable's threads (torch's OpenMP workers spin after their
+  work) must not be charged to the next one."""
+  times = {name: [] for name in fns}
+  per_visit = max(1, -(-repeats // rounds))
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      fn()  # the first visit's also compiles
+      for _ in range(per_visit):
+        start = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def load_clip_loss():
@@ -70,11 +78,11 @@ def _text_keys(rng, n):
   return np.stack([ids, 7 * ids + 1], axis=1).astype(np.int32)
 
 
-def time_floor(b: int, repeats: int) -> float:
+def floor_fn(b: int):
   rng = np.random.default_rng(0)
   z, u, g = jnp.asarray(_unit(rng, b)), jnp.asarray(_unit(rng, b)), jnp.asarray(rng.normal(size=(b, b)), jnp.float32)
   matmuls = jax.jit(lambda z, u, g: (z @ u.T, g @ u, g.T @ z))
-  return _median_seconds(lambda: jax.block_until_ready(matmuls(z, u, g)), repeats)
+  return lambda: jax.block_until_ready(matmuls(z, u, g))
 
 
 def _problem(b: int):
@@ -94,14 +102,14 @@ EDGES = {"tmcl": (losses.Edge("cxr_text", ("cxr", "text")),),
                   losses.Edge("cxr_ecg", ("cxr", "ecg"), "pair"))}
 
 
-def time_ours(b: int, which: str, repeats: int) -> float:
+def ours_fn(b: int, which: str):
   emb, batch, scales = _problem(b)
   grad = jax.jit(jax.value_and_grad(lambda e: losses.objective(e, batch, scales, EDGES[which],
                                                                 linked_rows=b // 4)[0]))
-  return _median_seconds(lambda: jax.block_until_ready(grad(emb)), repeats)
+  return lambda: jax.block_until_ready(grad(emb))
 
 
-def time_clip(clip_loss_cls, b: int, calls: tuple[int, ...], repeats: int) -> float:
+def clip_fn(clip_loss_cls, b: int, calls: tuple[int, ...]):
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(2)
   loss_fn = clip_loss_cls()
@@ -116,7 +124,7 @@ def time_clip(clip_loss_cls, b: int, calls: tuple[int, ...], repeats: int) -> fl
     for a, t in pairs:
       a.grad = t.grad = None
 
-  return _median_seconds(step, repeats)
+  return step
 
 
 def main(argv=None) -> None:
@@ -128,10 +136,9 @@ def main(argv=None) -> None:
   rows = []
   for b in (int(s) for s in args.sizes.split(",")):
     repeats = args.repeats or (20 if b <= 1024 else 5)
-    t = {"floor": time_floor(b, repeats), "clip": time_clip(clip_loss, b, (b,), repeats),
-         "tmcl": time_ours(b, "tmcl", repeats), "clip_pair": time_clip(clip_loss, b, (b // 4,), repeats),
-         "pair": time_ours(b, "pair", repeats), "clip3": time_clip(clip_loss, b, (b, b, b // 4), repeats),
-         "full": time_ours(b, "full", repeats)}
+    t = interleaved_medians({"floor": floor_fn(b), "clip": clip_fn(clip_loss, b, (b,)), "tmcl": ours_fn(b, "tmcl"),
+                             "clip_pair": clip_fn(clip_loss, b, (b // 4,)), "pair": ours_fn(b, "pair"),
+                             "clip3": clip_fn(clip_loss, b, (b, b, b // 4)), "full": ours_fn(b, "full")}, repeats)
     rows.append((b, t))
     print(f"B={b}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in t.items()), flush=True)
   print("\nfp32, D=256, forward + backward, median ms (ratios within the run):\n")
