@@ -138,6 +138,25 @@ def canonical_leads(signal_mv: np.ndarray, leads, spec: EcgSpec, name: str = "ec
   return x * np.asarray(signs, np.int8) if min(signs) < 0 else x
 
 
+def gaussian_noise(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
+  """float32 N(0, std^2) samples of `shape`, by the Box-Muller transform of float32 uniforms.
+
+  Written here rather than `rng.standard_normal(shape, dtype=np.float32)`: numpy's float32 ziggurat took 0.2 ms per
+  1000 x 12 ECG on the 2-core machines, a fifth of the input pipeline's time per example; uniforms and four
+  vectorised float32 transcendentals take a third of that. Exact normals, except the tail beyond 5.8 std (1 - u
+  >= 2^-24 bounds the radius), which has probability 7e-9.
+  """
+  size = int(np.prod(shape))
+  half = (size + 1) // 2
+  u = rng.random((2, half), dtype=np.float32)
+  radius = np.sqrt(np.log1p(-u[0]) * np.float32(-2.0 * std * std))  # 1 - u in (0, 1]: the log is finite
+  angle = u[1] * np.float32(2.0 * np.pi)
+  out = np.empty(2 * half, np.float32)
+  np.multiply(radius, np.cos(angle), out=out[:half])
+  np.multiply(radius, np.sin(angle), out=out[half:])
+  return out[:size].reshape(shape)
+
+
 def preprocess_ecg(signal_mv: np.ndarray, sampling_rate: float, spec: EcgSpec, leads=None,
                    rng: np.random.Generator | None = None, name: str = "ecg") -> np.ndarray:
   """ECG in millivolts [T, L] at `sampling_rate` -> float32 [num_samples, len(spec.leads)].
@@ -162,9 +181,7 @@ def preprocess_ecg(signal_mv: np.ndarray, sampling_rate: float, spec: EcgSpec, l
     x = np.pad(x, ((0, spec.num_samples - length), (0, 0)))
   if rng is None:
     return (x / spec.scale_mv).astype(np.float32)
-  # Gain and noise in float32 in one pass (drawing the noise in float64 and casting took two thirds of the time).
   gain = rng.uniform(1 - spec.amplitude_jitter, 1 + spec.amplitude_jitter)
-  noise = rng.standard_normal(x.shape, dtype=np.float32)
-  noise *= np.float32(spec.noise_mv / spec.scale_mv)
+  noise = gaussian_noise(rng, x.shape, spec.noise_mv / spec.scale_mv)
   noise += x * np.float32(gain / spec.scale_mv)
   return noise
