@@ -129,7 +129,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.linked_per_batch = (arg.linked_per_batch if arg.linked_per_batch >= 0
                              else c.data.batch_size // 4 if has_pair_edge else 0)
   c.data.skip_corrupt = False  # True: leave out damaged records (each logged and counted) instead of failing
-  c.data.num_threads = 8 if arg.paper else 2
+  # Reader threads. Each builds whole batches, mostly in Python under the GIL: on the 2-core CPU demo a second
+  # thread contends instead of helping (the input pipeline alone, medians of 4 runs: 1,354 examples/s with 1 thread,
+  # 1,132 with 2; compare with `python -m bench.bench_step --set data.num_threads=2`).
+  c.data.num_threads = 8 if arg.paper else 1
   c.data.prefetch = 8 if arg.paper else 4
   c.data.augment = True
   # Input sizes are shared by reference with the towers, so `--config.data.cxr.image_size=...` resizes both.
