@@ -17,8 +17,8 @@ Per batch size B (D = 256, fp32, one process, one device), the median wall time 
              pairs, one over the B/4 linked pairs)
 
 Both sides use both cores (torch.set_num_threads(2); XLA's CPU client). The seven entries of a size are timed in
-four rounds that visit each in turn, so a burst of load from a neighbour falls on all of them; ratios are within one run,
-and absolute times are not comparable between machines.
+four rounds that visit each in turn, so a burst of load from a neighbour falls on all of them; ratios are within
+one run, and absolute times are not comparable between machines.
 """
 
 from __future__ import annotations
