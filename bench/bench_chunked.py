@@ -16,13 +16,12 @@ spreads evenly over them; ratios are within the run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import timing
 from medbind_jax import chunked_losses, losses
 
 D = 256
@@ -89,13 +88,10 @@ def measure(b: int, repeats: int, edges=("tmcl", "pair")) -> list[tuple[str, str
       temp = compiled.memory_analysis().temp_size_in_bytes
       jax.block_until_ready(compiled(*args))  # warm-up
       variants.append((edge, "unchunked" if chunk is None else f"B/{b // chunk}", temp, compiled))
-  times = [[] for _ in variants]
-  for _ in range(repeats):
-    for i, (_, _, _, compiled) in enumerate(variants):
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      times[i].append(time.perf_counter() - start)
-  return [(edge, name, temp, statistics.median(t)) for (edge, name, temp, _), t in zip(variants, times)]
+  medians = timing.interleaved_medians(
+      {i: (lambda c=compiled: jax.block_until_ready(c(*args)))
+       for i, (_, _, _, compiled) in enumerate(variants)}, repeats, rounds=repeats, settle=False)
+  return [(edge, name, temp, medians[i]) for i, (edge, name, temp, _) in enumerate(variants)]
 
 
 def main(argv=None) -> None:

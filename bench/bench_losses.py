@@ -26,33 +26,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.timing import interleaved_medians
 from medbind_jax import losses
 
 D = 256
-
-
-def interleaved_medians(fns: dict, repeats: int, rounds: int = 4) -> dict:
-  """Median wall seconds of each callable over `repeats` timed calls, taken in `rounds` rounds that visit every
-  callable in turn, so that a burst of load on the shared machine falls on all of them rather than on one. Each
-  visit starts with an untimed call: the previous callable's threads (torch's OpenMP workers spin after their
-  work) must not be charged to the next one."""
-  times = {name: [] for name in fns}
-  per_visit = max(1, -(-repeats // rounds))
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      fn()  # the first visit's also compiles
-      for _ in range(per_visit):
-        start = time.perf_counter()
-        fn()
-        times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def load_clip_loss():
