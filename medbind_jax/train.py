@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import time
 from typing import Any
 
 import flax
@@ -27,7 +26,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from medbind_jax import config_check, evaluators, losses, metric_writer, optim, paths, runs, sharding, steps
+from medbind_jax import config_check, evaluators, loop, losses, metric_writer, optim, paths, runs, sharding, steps
 from medbind_jax.data import codecs, mixture, pipeline
 from medbind_jax.data import text as text_lib
 from medbind_jax.evaluators import common
@@ -148,19 +147,7 @@ def refuse_old_layout(checkpoint_dir, step: int) -> None:
         "on load. To train on, start a new workdir.")
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
-
-
-def raise_if_not_finite(step: int, values, manager) -> None:
-  """Raises NonFiniteLossError when a step's loss, gradient norm or parameter norm is not finite, naming the last
-  good checkpoint of `manager` and the fix (shared with medbind_jax.llm.prompt_tuning)."""
-  bad = [f"{name} is {values[name]}" for name in ("loss", "grad_norm", "param_norm") if not np.isfinite(values[name])]
-  if bad:
-    raise NonFiniteLossError(
-        f"{', '.join(bad)} at step {step}; stopping. The last good checkpoint "
-        f"(step {manager.latest_step()}) is kept in {manager.directory}. Lower optim.learning_rate or raise "
-        "optim.warmup_steps, then run again to resume from it.")
+NonFiniteLossError = loop.NonFiniteLossError  # a step's loss, gradient or parameter norm is not finite
 
 
 def build_train_step(config, model: MedBind, layout: pipeline.Layout, text_mode: str, params, mesh,
@@ -313,66 +300,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_results = None
 
   # ---- Loop ------------------------------------------------------------------------------------------------------
-  # The loss of step s is read while step s+1 runs, so checking it never stalls the device. A step whose loss,
-  # gradient norm or parameter norm is not finite stops the run before its state is saved.
-  examples_per_step = n * len(layout.modalities)  # n rows of every input modality
-  pending: tuple[int, Any] | None = None
-  history: list[dict[str, float]] = []
-  timer = {"data": 0.0, "start": time.perf_counter(), "steps": 0}
-  bar = tqdm.tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step", disable=not is_main,
-                  dynamic_ncols=True)
+  # `loop.run_steps`: a step's loss is read while the next one runs; a non-finite one stops the run unsaved.
+  def save(step, state):
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               data=grain.checkpoint.CheckpointSave(train_iter)))
 
-  def check(entry):
-    step, metrics = entry
-    values = jax.device_get(metrics)
-    raise_if_not_finite(step, values, manager)
-    history.append({k: float(v) for k, v in values.items()})
-
-  def report(step):
-    elapsed = time.perf_counter() - timer["start"]
-    summary = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-    summary["examples_per_sec"] = examples_per_step * timer["steps"] / max(elapsed, 1e-9)
-    summary["data_wait_fraction"] = timer["data"] / max(elapsed, 1e-9)
-    writer.write(step, summary)
-    bar.set_postfix(loss=f"{summary['loss']:.3f}", ex_s=f"{summary['examples_per_sec']:.0f}",
-                    data_wait=f"{100 * summary['data_wait_fraction']:.0f}%")
-    history.clear()
-    timer.update(data=0.0, start=time.perf_counter(), steps=0)
+  def after_step(step, state, final):
+    nonlocal eval_results
+    if config.eval.every_steps and (step % config.eval.every_steps == 0 or final):
+      eval_results = evaluate(config, workdir, suite, state.params, step)
+      writer.write(step, {f"eval/{k}": v for k, v in eval_results.items()})
 
   try:
-    for step in range(start_step + 1, config.total_steps + 1):
-      t0 = time.perf_counter()
-      local_batch = next(train_iter)
-      timer["data"] += time.perf_counter() - t0
-      state, metrics = train_step(state, put(local_batch), text_table)
-      timer["steps"] += 1
-      if pending is not None:
-        check(pending)
-      pending = (step, metrics)
-      bar.update(1)
-      final = step == config.total_steps
-      if step % config.checkpoint_every == 0 or final:
-        check(pending)  # never save a state whose loss was not finite
-        pending = None
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   data=grain.checkpoint.CheckpointSave(train_iter)))
-      if step % config.log_every == 0 or final:
-        if pending is not None:
-          check(pending)
-          pending = None
-        report(step)
-      if config.eval.every_steps and (step % config.eval.every_steps == 0 or final):
-        eval_results = evaluate(config, workdir, suite, state.params, step)
-        writer.write(step, {f"eval/{k}": v for k, v in eval_results.items()})
-      if stop_after_step is not None and step >= stop_after_step:
-        log.info("stopping after step %d as asked (stop_after_step)", step)
-        return None
-    if pending is not None:
-      check(pending)
+    state, finished = loop.run_steps(
+        state, step_fn=lambda state, batch: train_step(state, batch, text_table),
+        next_batch=lambda _: put(next(train_iter)), start_step=start_step, total_steps=config.total_steps,
+        manager=manager, save=save, writer=writer, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, examples_per_step=n * len(layout.modalities),
+        after_step=after_step, stop_after_step=stop_after_step)
   finally:
-    bar.close()
-    manager.wait_until_finished()
     writer.close()
+  if not finished:
+    return None
 
   # ---- Final evaluation ------------------------------------------------------------------------------------------
   if eval_results is None:  # not already evaluated after the last step

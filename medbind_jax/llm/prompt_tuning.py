@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import re
-import time
 from typing import Any, Mapping, Sequence
 
 import flax
@@ -50,7 +49,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from medbind_jax import config_check, metric_writer, optim, paths, runs, sharding, train
+from medbind_jax import config_check, loop, metric_writer, optim, paths, runs, sharding
 from medbind_jax.data import schema, tfrecord
 from medbind_jax.evaluators import metrics
 from medbind_jax.llm import llama, loading, prompts
@@ -734,7 +733,7 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
                                item_handlers={"state": ocp.StandardCheckpointHandler()})
 
 
-NonFiniteLossError = train.NonFiniteLossError  # one exception type for both trainers
+NonFiniteLossError = loop.NonFiniteLossError  # one exception type for both trainers
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -805,53 +804,18 @@ def _train_and_evaluate(config, workdir: str, writer: metric_writer.MetricWriter
   start_step = int(state.step)
 
   # ---- Loop ------------------------------------------------------------------------------------------------------
-  # A step's loss is read while the next one runs; a non-finite loss or gradient stops the run before it is saved.
+  # `loop.run_steps`: a step's loss is read while the next one runs; a non-finite one stops the run unsaved.
   batch_size = int(config.data.batch_size)
-  pending: tuple[int, Any] | None = None
-  history: list[dict[str, float]] = []
-  timer = {"start": time.perf_counter(), "steps": 0}
-  bar = tqdm.tqdm(total=config.total_steps, initial=start_step, desc="prompt tuning", unit="step",
-                  disable=not is_main, dynamic_ncols=True)
-
-  def check(entry):
-    step, values = entry[0], jax.device_get(entry[1])
-    train.raise_if_not_finite(step, values, manager)
-    history.append({k: float(v) for k, v in values.items()})
-
-  def report(step):
-    elapsed = time.perf_counter() - timer["start"]
-    summary = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-    summary["examples_per_sec"] = batch_size * timer["steps"] / max(elapsed, 1e-9)
-    writer.write(step, summary)
-    bar.set_postfix(loss=f"{summary['loss']:.3f}", ex_s=f"{summary['examples_per_sec']:.1f}")
-    history.clear()
-    timer.update(start=time.perf_counter(), steps=0)
-
-  try:
-    for step in range(start_step + 1, config.total_steps + 1):
-      batch = _put(train_examples.batch(batch_rows(len(train_examples), batch_size, config.seed, step)), run.mesh)
-      state, step_metrics = train_step(state, run.frozen, batch)
-      timer["steps"] += 1
-      if pending is not None:
-        check(pending)
-      pending = (step, step_metrics)
-      bar.update(1)
-      final = step == config.total_steps
-      if step % config.checkpoint_every == 0 or final:
-        check(pending)
-        pending = None
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-      if step % config.log_every == 0 or final:
-        if pending is not None:
-          check(pending)
-          pending = None
-        report(step)
-      if stop_after_step is not None and step >= stop_after_step:
-        log.info("stopping after step %d as asked (stop_after_step)", step)
-        return None
-  finally:
-    bar.close()
-    manager.wait_until_finished()
+  state, finished = loop.run_steps(
+      state, step_fn=lambda state, batch: train_step(state, run.frozen, batch),
+      next_batch=lambda step: _put(train_examples.batch(batch_rows(len(train_examples), batch_size, config.seed,
+                                                                   step)), run.mesh),
+      start_step=start_step, total_steps=config.total_steps, manager=manager,
+      save=lambda step, state: manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state))),
+      writer=writer, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+      examples_per_step=batch_size, desc="prompt tuning", stop_after_step=stop_after_step)
+  if not finished:
+    return None
 
   # ---- Evaluation report -----------------------------------------------------------------------------------------
   results = evaluate(run, score_fn, state.params, eval_examples, workdir, step=config.total_steps)
