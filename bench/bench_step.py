@@ -68,9 +68,9 @@ def make_config(args) -> ml_collections.ConfigDict:
   return config
 
 
-def time_model_step(config, model, layout, params, batch_spec, batch, table_shape, reps):
-  """(median step seconds, median matmul FLOP/s, the step's FLOPs, compile seconds) of the trainer's update step
-  (`train.build_train_step`), the step and the matmul timed alternately."""
+def compile_model_step(config, model, layout, params, batch_spec, batch, table_shape):
+  """(compiled step, state, device batch, text table, compile seconds) of the trainer's update step
+  (`train.build_train_step`), on the mesh, shardings and buffer donation of training."""
   mesh = sharding.make_mesh(config.get("mesh", {}))
   _, rng = jax.random.split(jax.random.key(config.seed))  # as the trainer: the first key drives dropout
   state, step = train.build_train_step(config, model, layout, runs.text_mode(config), params, mesh, batch_spec,
@@ -79,7 +79,12 @@ def time_model_step(config, model, layout, params, batch_spec, batch, table_shap
   table = jax.device_put(jax.random.normal(jax.random.key(1), table_shape, jnp.float32), NamedSharding(mesh, P()))
   start = time.perf_counter()
   compiled = step.lower(state, batch, table).compile()
-  compile_s = time.perf_counter() - start
+  return compiled, state, batch, table, time.perf_counter() - start
+
+
+def time_model_step(compiled, state, batch, table, reps):
+  """(median step seconds, median matmul FLOP/s, the step's FLOPs) of a `compile_model_step` result, the step and
+  the matmul timed alternately."""
   cost = compiled.cost_analysis()
   flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
@@ -98,7 +103,7 @@ def time_model_step(config, model, layout, params, batch_spec, batch, table_shap
     start = time.perf_counter()
     jax.block_until_ready(matmul(a, a))
     matmul_s.append(time.perf_counter() - start)
-  return float(np.median(step_s)), 2 * MATMUL_SIZE ** 3 / float(np.median(matmul_s)), flops, compile_s
+  return float(np.median(step_s)), 2 * MATMUL_SIZE ** 3 / float(np.median(matmul_s)), flops
 
 
 def time_pipeline(iterator, examples_per_batch, warmup, batches):
@@ -133,20 +138,19 @@ def time_trainer_loop(config, steps_to_run, log_every):
           float(np.median([r["data_wait_fraction"] for r in windows])), len(windows))
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_setup_args(parser: argparse.ArgumentParser) -> None:
+  """The arguments that choose the config and the data (shared with bench/profile_step.py)."""
   parser.add_argument("--config-arg", action="append", default=[],
                       help="an argument of configs/medbind.get_config, e.g. batch_size=64 (repeatable)")
   parser.add_argument("--set", action="append", default=[],
                       help="a config field, e.g. data.num_threads=1 (repeatable)")
   parser.add_argument("--data-dir", default="/tmp/bench_world", help="synthetic world (generated on first use)")
   parser.add_argument("--cache-dir", default="", help="frozen text-trunk features (default: <data-dir>_cache)")
-  parser.add_argument("--step-reps", type=int, default=10, help="timed model-only steps")
-  parser.add_argument("--loop-steps", type=int, default=60, help="trainer steps (0: skip the trainer loop)")
-  parser.add_argument("--log-every", type=int, default=10, help="the trainer's log window in steps")
-  parser.add_argument("--pipeline-batches", type=int, default=24, help="timed pipeline batches (0: skip)")
-  args = parser.parse_args()
 
+
+def setup(args):
+  """Everything the measurements share: (config, model, layout, params, batch spec, training iterator,
+  examples per step, text-table shape)."""
   config = make_config(args)
   print(f"devices: {jax.devices()}; config args: {','.join(args.config_arg) or '(default)'}", flush=True)
   edges = runs.edges(config)
@@ -156,7 +160,6 @@ def main():
                                progress=False)
   n, m = config.data.batch_size, config.data.linked_per_batch
   batch_spec = pipeline.BatchSpec(n, m, jax.process_index(), jax.process_count(), shards=jax.local_device_count())
-  examples_per_step = n * len(layout.modalities)
   model, pretrained = build_model(config)
   params = runs.initial_params(config, model, pretrained)
   if runs.text_mode(config) != "cached":
@@ -167,6 +170,20 @@ def main():
                                    layout, specs=runs.data_specs(config), seed=config.seed,
                                    augment=config.data.augment)
   iterator = pipeline.train_iterator(dataset, num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+  return (config, model, layout, params, batch_spec, iterator, n * len(layout.modalities),
+          (len(texts), model.towers[codecs.TEXT].width))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_setup_args(parser)
+  parser.add_argument("--step-reps", type=int, default=10, help="timed model-only steps")
+  parser.add_argument("--loop-steps", type=int, default=60, help="trainer steps (0: skip the trainer loop)")
+  parser.add_argument("--log-every", type=int, default=10, help="the trainer's log window in steps")
+  parser.add_argument("--pipeline-batches", type=int, default=24, help="timed pipeline batches (0: skip)")
+  args = parser.parse_args()
+  config, model, layout, params, batch_spec, iterator, examples_per_step, table_shape = setup(args)
+  n = config.data.batch_size
 
   # 3. The input pipeline alone (first: nothing else runs in this process meanwhile).
   pipeline_rate = None
@@ -178,9 +195,9 @@ def main():
   del iterator
 
   # 1. The model-only step.
-  step_s, matmul_rate, flops, compile_s = time_model_step(
-      config, model, layout, params, batch_spec, batch, (len(texts), model.towers[codecs.TEXT].width),
-      args.step_reps)
+  compiled, state, batch, table, compile_s = compile_model_step(config, model, layout, params, batch_spec, batch,
+                                                               table_shape)
+  step_s, matmul_rate, flops = time_model_step(compiled, state, batch, table, args.step_reps)
   model_rate = examples_per_step / step_s
   mfu = flops / step_s / matmul_rate
   print(f"model-only step: {step_s * 1e3:.0f} ms, {model_rate:.0f} examples/s, {flops / 1e9:.1f} GFLOP, "
