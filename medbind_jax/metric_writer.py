@@ -29,6 +29,11 @@ from medbind_jax import paths
 METRICS_FILE = "metrics.jsonl"
 
 
+def _lines_up_to(lines, step: int) -> list[str]:
+  """The JSON lines of steps <= `step` (blank lines dropped)."""
+  return [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+
+
 class MetricWriter:
 
   def __init__(self, workdir: str, *, flush_secs: float = 30.0):
@@ -55,14 +60,14 @@ class MetricWriter:
       return
     if not self._local:
       lines = self._remote_lines()
-      self._lines = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+      self._lines = _lines_up_to(lines, step)
       self._dirty = self._dirty or self._lines != lines
       self.flush()
       return
     if not paths.exists(self.path):
       return
     with paths.open_file(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+      kept = _lines_up_to(f, step)
     paths.write_text_atomic(self.path, "".join(kept))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
