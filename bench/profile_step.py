@@ -91,18 +91,27 @@ def classify(opcode: str, fused: set[str]) -> str:
   return "other"
 
 
-def op_times(trace_dir: str) -> collections.Counter:
-  """Thread nanoseconds per HLO instruction name over every XLA worker thread of a trace."""
+def op_events(trace_dir: str) -> list[tuple[int, int, str]]:
+  """(start ns, end ns, HLO instruction name) of every op event on XLA's worker threads in a trace."""
   (path,) = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.xplane.pb"))
-  times = collections.Counter()
+  events = []
   for plane in jax.profiler.ProfileData.from_file(path).planes:
     for line in plane.lines:
       if not line.name.startswith("tf_XLA"):
         continue
-      for event in line.events:
-        if not event.name.startswith(("end:", "Thunk", "Threadpool", "SlinkyThreadPool")):
-          times[event.name] += event.duration_ns
-  return times
+      events += [(int(e.start_ns), int(e.end_ns), e.name) for e in line.events
+                 if not e.name.startswith(("end:", "Thunk", "Threadpool", "SlinkyThreadPool"))]
+  return events
+
+
+def concurrency(events: list[tuple[int, int, str]]) -> dict[int, float]:
+  """{k: nanoseconds of the traced span during which exactly k op events were running} (k = 0 for the gaps)."""
+  edges = sorted([(start, 1) for start, _, _ in events] + [(end, -1) for _, end, _ in events])
+  spans, running = collections.Counter(), 0
+  for (at, change), (later, _) in zip(edges, edges[1:]):
+    running += change
+    spans[running] += later - at
+  return dict(spans)
 
 
 def main():
@@ -129,9 +138,12 @@ def main():
       state, metrics = compiled(state, batch, table)
       jax.block_until_ready((state, metrics))
     jax.profiler.stop_trace()
-    times = op_times(trace_dir)
+    events = op_events(trace_dir)
   finally:
     shutil.rmtree(trace_dir, ignore_errors=True)
+  times = collections.Counter()
+  for start, end, name in events:
+    times[name] += end - start
   if not times:
     raise SystemExit("the trace holds no XLA op events (is this the CPU backend?)")
 
@@ -148,6 +160,10 @@ def main():
   per_step = 1e6 * args.steps
   print(f"\nop thread time per step: {total / per_step:.0f} ms over {args.steps} traced steps "
         f"({unknown / per_step:.1f} ms in events that are no HLO op of the step)\n")
+  spans = concurrency(events)
+  span = sum(spans.values())
+  print("the traced span with k ops running at once (XLA runs an op on one thread unless it splits it):",
+        ", ".join(f"{k}: {100 * ns / span:.0f}%" for k, ns in sorted(spans.items())), "\n")
   print("| class | thread ms / step | share |\n|---|---:|---:|")
   for kind in CLASSES:
     print(f"| {kind} | {by_class[kind] / per_step:.1f} | {100 * by_class[kind] / total:.1f}% |")

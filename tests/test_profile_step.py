@@ -53,3 +53,8 @@ def test_scopes_merge_layers_of_a_kind_and_mark_the_backward():
   assert scope("jit(train_step)/transpose(jvp(MedBind.embed))/MedBind.features/cxr/stem_2/slice") == \
       "cxr/stem_* (bwd)"
   assert scope("jit(train_step)/add") == ""
+
+
+def test_concurrency_splits_the_span_by_ops_running_at_once():
+  events = [(0, 10, "a"), (5, 15, "b"), (20, 30, "c"), (22, 24, "d")]
+  assert profile_step.concurrency(events) == {1: 5 + 5 + 2 + 6, 2: 5 + 2, 0: 5}
