@@ -104,7 +104,7 @@ def op_events(trace_dir: str) -> list[tuple[int, int, str]]:
   return events
 
 
-def concurrency(events: list[tuple[int, int, str]]) -> dict[int, float]:
+def concurrency(events: list[tuple[int, int, str]]) -> dict[int, int]:
   """{k: nanoseconds of the traced span during which exactly k op events were running} (k = 0 for the gaps)."""
   edges = sorted([(start, 1) for start, _, _ in events] + [(end, -1) for _, end, _ in events])
   spans, running = collections.Counter(), 0
